@@ -1,0 +1,203 @@
+"""Complete, atomic, safely loadable checkpoints on local disk: write, verify, find, load, prune.
+
+A folder is a checkpoint only when its manifest (written last, with sizes and CRC32C of every file)
+is present and matches. Nothing read back can execute code: tensors come from safetensors or
+`torch.load(weights_only=True)`, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretrain.checksum import crc32c_of_file
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_states.pt"
+STATE_FILE = "trainer_state.json"
+TEMP_PREFIX = ".tmp-"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder is incomplete or corrupt (the message names it and says what is wrong)."""
+
+
+def checkpoint_name(epoch: int, step: int, files: int) -> str:
+    return f"checkpoint-epoch{epoch}-step{step}-files{files}"
+
+
+def step_of(name: str) -> int:
+    match = NAME_PATTERN.match(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a checkpoint name (expected checkpoint-epochE-stepS-filesF)")
+    return int(match.group(2))
+
+
+def validate_resume_name(name: str) -> None:
+    """Refuses anything that is not `latest` or a bare checkpoint name: no paths, no `..`."""
+    if name == "latest" or NAME_PATTERN.match(name):
+        return
+    raise ValueError(
+        f"--resume {name!r} is not a checkpoint name: use 'latest' or a folder name like "
+        "checkpoint-epoch0-step1250-files8 (no '/' or '..')"
+    )
+
+
+@dataclass
+class CheckpointPayload:
+    """What the loop saves and gets back. `trainer_state` is plain JSON (position, history, config, versions)."""
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    rng_states: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, name: str) -> dict[str, Any]:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "crc32c": crc32c_of_file(path)}
+    manifest = {"format_version": FORMAT_VERSION, "name": name, "created_unix": time.time(), "files": files}
+    manifest_path = folder / MANIFEST
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    _fsync_file(manifest_path)
+    return manifest
+
+
+def write_checkpoint(output_dir: Path, name: str, payload: CheckpointPayload) -> Path:
+    """Writes into a temporary folder, fsyncs, writes the manifest last, then renames into place.
+
+    A crash at any point leaves either the previous checkpoints untouched plus a temp folder
+    (ignored and cleaned later), or a complete new checkpoint.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / name
+    if final.exists() and verify_checkpoint(final, check_contents=False) is None:
+        log.info("%s already exists and is complete; not writing it again", name)
+        return final
+    temp = output_dir / f"{TEMP_PREFIX}{name}-{os.getpid()}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    save_file(payload.model_state, str(temp / MODEL_FILE), metadata={"format": "pt"})
+    torch.save(payload.optimizer_state, temp / OPTIMIZER_FILE)
+    torch.save(payload.rng_states, temp / RNG_FILE)
+    (temp / STATE_FILE).write_text(json.dumps(payload.trainer_state, indent=1))
+    for path in temp.iterdir():
+        _fsync_file(path)
+    write_manifest(temp, name)
+    _fsync_dir(temp)
+    if final.exists():
+        # An incomplete folder of the same name (a crash mid-copy of a download, say): set it aside, never mix.
+        stale = output_dir / f"{TEMP_PREFIX}stale-{name}-{os.getpid()}"
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(temp, final)
+    _fsync_dir(output_dir)
+    return final
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish); not a checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({error})") from error
+    return manifest | {"files": files}
+
+
+def verify_checkpoint(folder: Path, check_contents: bool = True) -> str | None:
+    """None when the folder is a complete checkpoint; otherwise a one-line reason naming the bad file."""
+    try:
+        manifest = read_manifest(folder)
+    except CheckpointError as error:
+        return str(error)
+    for relative, expected in manifest["files"].items():
+        path = folder / relative
+        if not path.is_file():
+            return f"{path}: listed in the manifest but missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{path}: {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
+        if check_contents and crc32c_of_file(path) != expected["crc32c"]:
+            return f"{path}: checksum does not match the manifest (corrupted)"
+    return None
+
+
+def local_checkpoints(output_dir: Path) -> list[Path]:
+    """Folders named like checkpoints, newest step first; completeness is checked by the caller."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: step_of(p.name), reverse=True)
+
+
+def load_checkpoint(folder: Path) -> CheckpointPayload:
+    """Loads without executing any pickled code: safetensors, weights_only torch.load, JSON."""
+    model_state = load_file(str(folder / MODEL_FILE))
+    try:
+        optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        rng_states = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError and friends; all mean "refused"
+        raise CheckpointError(
+            f"{folder}: refused to load {OPTIMIZER_FILE}/{RNG_FILE}: it holds something other than tensors and "
+            f"plain data ({type(error).__name__}); the checkpoint may have been tampered with"
+        ) from error
+    trainer_state = json.loads((folder / STATE_FILE).read_text())
+    return CheckpointPayload(model_state, optimizer_state, rng_states, trainer_state)
+
+
+def prune_local(output_dir: Path, keep: int, protected: set[str]) -> list[str]:
+    """Deletes all but the newest `keep` complete checkpoints, never a protected one (still uploading).
+
+    The manifest goes first so a crash mid-delete leaves a folder that is plainly not a checkpoint.
+    """
+    complete = [p for p in local_checkpoints(output_dir) if verify_checkpoint(p, check_contents=False) is None]
+    deleted = []
+    for folder in complete[keep:]:
+        if folder.name in protected:
+            continue
+        (folder / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        deleted.append(folder.name)
+    return deleted
+
+
+def clean_temp_folders(output_dir: Path) -> None:
+    """Removes temp folders left by a save or download that a crash interrupted."""
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            if path.is_dir() and path.name.startswith(TEMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)

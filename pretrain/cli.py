@@ -1,0 +1,173 @@
+"""Turns `--config NAME --field-name VALUE ...` into one validated, frozen TrainingConfig.
+
+This is the one place where command-line overrides are applied; every config field is a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import re
+import sys
+import typing
+from typing import Any
+
+from configs import CONFIGS, ModelConfig, TrainingConfig, get_config, with_changes
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+MIXED_PRECISION_CHOICES = ("bf16", "fp16", "no")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the dataclass source: the single place fields are documented."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _config_fields() -> list[tuple[str, dataclasses.Field, type, str]]:
+    """(section, field, type) for every overridable field, model shape included, flattened into one namespace."""
+    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainingConfig)}
+    rows = []
+    for section, cls in (("model shape", ModelConfig), ("training", TrainingConfig)):
+        for f in dataclasses.fields(cls):
+            if f.name == "model":
+                continue
+            rows.append((section, f, hints[f.name], _field_comments(cls).get(f.name, "")))
+    return rows
+
+
+class _ErrorRaisingParser(argparse.ArgumentParser):
+    """Raises a one-line ValueError instead of printing argparse's usage block and exiting with 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(message)
+
+
+def build_parser(base: TrainingConfig) -> argparse.ArgumentParser:
+    parser = _ErrorRaisingParser(
+        prog="train.py",
+        description="Pre-train a GPT-NeoX model. Defaults shown are those of the chosen --config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", default="test", help=f"named config: {', '.join(CONFIGS)}")
+    groups = {}
+    for section, f, field_type, comment in _config_fields():
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        current = getattr(base.model, f.name) if section == "model shape" else getattr(base, f.name)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": current, "help": comment or " "}
+        if field_type is bool:
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs.update(type=field_type, metavar=field_type.__name__.upper())
+        if f.name == "mixed_precision":
+            kwargs["choices"] = MIXED_PRECISION_CHOICES
+        group.add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def _config_name(argv: list[str]) -> str:
+    pre = _ErrorRaisingParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default="test")
+    known, _ = pre.parse_known_args(argv)
+    return known.config
+
+
+def validate(config: TrainingConfig) -> TrainingConfig:
+    """Raises ValueError naming the flag for values no run could use."""
+    positive = [
+        "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "save_steps",
+        "logging_steps", "save_total_limit", "remote_save_total_limit", "max_consecutive_nonfinite",
+    ]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{_flag(name)} must be a positive integer, got {getattr(config, name)}")
+    non_negative = [
+        "max_files", "eval_steps", "eval_batches", "eval_shards", "warmup_steps", "lr_decay_steps",
+        "dataloader_num_workers", "save_every_minutes", "sync_logs_every_minutes", "storage_max_retries",
+        "weight_decay", "max_grad_norm", "upload_timeout_seconds", "preemption_grace_seconds",
+    ]
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{_flag(name)} must not be negative, got {getattr(config, name)}")
+    if config.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be positive, got {config.learning_rate}")
+    if config.lr_decay_steps and config.lr_decay_steps < config.max_steps:
+        raise ValueError(
+            f"--lr-decay-steps ({config.lr_decay_steps}) is below --max-steps ({config.max_steps}); "
+            "the schedule would end before training does"
+        )
+    if config.warmup_steps > config.effective_lr_decay_steps():
+        raise ValueError(f"--warmup-steps ({config.warmup_steps}) exceeds the decay horizon ({config.effective_lr_decay_steps()})")
+    model = config.model
+    if model.hidden_size % model.num_attention_heads:
+        raise ValueError(
+            f"--hidden-size ({model.hidden_size}) must be divisible by --num-attention-heads ({model.num_attention_heads})"
+        )
+    if config.seq_len > model.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len ({config.seq_len}) exceeds --max-position-embeddings ({model.max_position_embeddings})"
+        )
+    if config.wandb_mode not in ("online", "offline"):
+        raise ValueError(f"--wandb-mode must be online or offline, got {config.wandb_mode!r}")
+    return config
+
+
+def parse_config(argv: list[str] | None = None) -> TrainingConfig:
+    """Parses argv into a validated config. Errors raise ValueError with a one-line message naming the flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    base = get_config(_config_name(argv))
+    parser = build_parser(base)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ValueError(_unknown_flag_message(unknown[0], parser))
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    config = with_changes(base, **overrides)
+    return validate(config)
+
+
+def _unknown_flag_message(token: str, parser: argparse.ArgumentParser) -> str:
+    valid = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    if not token.startswith("--"):
+        return f"unexpected argument {token!r}: flags take the form --field-name VALUE (see --help)"
+    close = difflib.get_close_matches(token.split("=")[0], valid, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"unknown flag {token.split('=')[0]}: {hint}valid flags: {' '.join(sorted(valid))}"
+
+
+def config_name_from_argv(argv: list[str]) -> str:
+    return _config_name(argv)
+
+
+def print_help(argv: list[str]) -> None:
+    build_parser(get_config(_config_name(argv))).print_help()
+
+
+def config_to_dict(config: TrainingConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainingConfig:
+    model = ModelConfig(**data["model"])
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    return TrainingConfig(**{k: v for k, v in data.items() if k in known and k != "model"}, model=model)

@@ -1,0 +1,145 @@
+"""Builds the `accelerate launch ... train.py ...` command for start_training.sh.
+
+Prints it NUL-separated (as `env K=V ... accelerate launch ...`) so the shell runs it without re-parsing;
+the human-readable plan goes to stderr. Config flags are validated here, before anything is spawned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.cli import parse_config
+
+ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    config_name: str
+    gpus: int | None  # None: every visible GPU
+    cpu_processes: int
+    strategy: str
+    nodes: int
+    node_rank: int
+    main_address: str
+    main_port: int
+    train_args: list[str]
+
+
+def parse_launch_args(argv: list[str]) -> LaunchRequest:
+    parser = argparse.ArgumentParser(prog="start_training.sh", add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", default="test")
+    parser.add_argument("--gpus", type=int, default=None)
+    parser.add_argument("--cpu-processes", type=int, default=0)
+    parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--main-address", default="127.0.0.1")
+    parser.add_argument("--main-port", type=int, default=29500)
+    known, rest = parser.parse_known_args(argv)
+    for name in ("gpus", "cpu_processes", "nodes"):
+        value = getattr(known, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if not 0 <= known.node_rank < known.nodes:
+        raise ValueError(f"--node-rank {known.node_rank} must be in [0, --nodes {known.nodes})")
+    return LaunchRequest(
+        config_name=known.config, gpus=known.gpus, cpu_processes=known.cpu_processes, strategy=known.strategy,
+        nodes=known.nodes, node_rank=known.node_rank, main_address=known.main_address, main_port=known.main_port,
+        train_args=["--config", known.config, *rest],
+    )
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def accelerate_config_file(gpus: int, strategy: str, nodes: int) -> Path:
+    if nodes > 1:
+        name = "multi_node_fsdp.yaml" if strategy == "fsdp" else "multi_node.yaml"
+    elif strategy == "fsdp":
+        name = "fsdp.yaml"
+    elif gpus == 1:
+        name = "single_gpu.yaml"
+    elif gpus == 8:
+        name = "ddp_8gpu.yaml"
+    else:
+        name = "ddp_2gpu.yaml"  # any other count: the same DDP file, --num_processes overrides its count
+    return ACCELERATE_CONFIG_DIR / name
+
+
+def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -> tuple[list[str], list[str]]:
+    """(command, plan lines). The command is `env K=V ... accelerate launch [flags] train.py [train flags]`."""
+    config = parse_config(request.train_args)
+    gpus = available_gpus if request.gpus is None else request.gpus
+    if request.cpu_processes and gpus:
+        raise ValueError("--cpu-processes is for machines without a GPU; drop it or pass --gpus 0")
+    if gpus > available_gpus:
+        raise ValueError(
+            f"--gpus {gpus}: {'no GPU is' if not available_gpus else f'only {available_gpus} GPUs are'} visible on "
+            "this machine; use --gpus 0 to train on the CPU, or --cpu-processes N for N CPU processes"
+        )
+    env = {}
+    flags: list[str] = []
+    if gpus:
+        processes_per_node = gpus
+        precision = config.mixed_precision
+        flags += ["--config_file", str(accelerate_config_file(gpus, request.strategy, request.nodes))]
+        flags += ["--num_processes", str(gpus * request.nodes), "--mixed_precision", precision]
+        if request.nodes > 1:
+            flags += [
+                "--num_machines", str(request.nodes), "--machine_rank", str(request.node_rank),
+                "--main_process_ip", request.main_address, "--main_process_port", str(request.main_port),
+            ]
+        device = f"{gpus} GPU{'s' if gpus > 1 else ''}" + (f" x {request.nodes} nodes" if request.nodes > 1 else "")
+    else:
+        if request.strategy == "fsdp":
+            raise ValueError("--strategy fsdp needs GPUs: this torch build's FSDP does not train on CPU processes (see README)")
+        if request.nodes > 1:
+            raise ValueError("--nodes > 1 needs GPUs; multi-node CPU training is not supported")
+        processes_per_node = max(1, request.cpu_processes)
+        precision = config.mixed_precision if config.cpu_mixed_precision else "no"
+        if processes_per_node > 1:
+            # `--cpu --num_processes N` silently runs one process; --multi_gpu on a CPU-only machine gives N gloo processes.
+            flags += ["--multi_gpu", "--num_processes", str(processes_per_node), "--main_process_port", str(request.main_port)]
+        else:
+            flags += ["--cpu", "--num_processes", "1"]
+        flags += ["--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
+        # A fair share of the cores per process; oversubscribed threads make every process slower.
+        env["OMP_NUM_THREADS"] = str(max(1, cpu_count // processes_per_node))
+        device = f"CPU, {processes_per_node} process{'es' if processes_per_node > 1 else ''}"
+    processes = processes_per_node * request.nodes
+    tokens = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes * config.seq_len
+    plan = [
+        f"config {request.config_name} on {device}, mixed precision {precision}",
+        f"batch: {config.per_device_train_batch_size} per device x {config.gradient_accumulation_steps} accumulation x "
+        f"{processes} processes x {config.seq_len} seq len = {tokens:,} tokens per optimizer step",
+    ]
+    command = ["accelerate", "launch", *flags, "train.py", *request.train_args]
+    env_words = [f"{key}={value}" for key, value in env.items()]
+    return ["env", *env_words, *command], plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        request = parse_launch_args(argv)
+        command, plan = build_command(request, visible_gpus(), os.cpu_count() or 1)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in plan:
+        print(line, file=sys.stderr)
+    sys.stdout.write("\0".join(command) + "\0")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""The training loop and the wiring around it: set-up, resume, step, evaluate, checkpoint, export.
+
+One outer iteration per optimizer step, an inner loop over micro-batches. The training position is
+the number of global samples consumed; the data order is a pure function of it, so resume needs no
+iterator state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+
+from configs import TrainingConfig
+from pretrain import rng
+from pretrain.checkpoint import CheckpointPayload, checkpoint_name, clean_temp_folders, load_checkpoint, prune_local, write_checkpoint
+from pretrain.checkpoint_sync import BackgroundUploader, resolve_resume
+from pretrain.cli import config_to_dict
+from pretrain.data import TokenSamples, make_eval_batches, make_train_loader
+from pretrain.metrics import Metrics, ThroughputModel
+from pretrain.model import build_model, count_parameters, describe, flops_per_token, peak_flops_per_device
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.preemption import PreemptionFlag
+from pretrain.shards import ShardInfo, discover_shards, inspect_shards, split_eval_shards, verify_frozen_shards
+from pretrain.storage import Storage, StorageOptions, open_storage
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT_VERSION = 1
+EXPORT_DIR_NAME = "final-model"
+
+
+class Preempted(Exception):
+    """Raised after the emergency checkpoint is written; the entry point turns it into exit code 75."""
+
+
+class NonFiniteLoss(Exception):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class Position:
+    step: int = 0
+    samples_consumed: int = 0
+
+
+def effective_mixed_precision(config: TrainingConfig, cuda: bool) -> str:
+    if not cuda:
+        return config.mixed_precision if config.cpu_mixed_precision else "no"
+    if config.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16; training in fp16 with a loss scaler")
+        return "fp16"
+    return config.mixed_precision
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    # cpu=True matters: without it a CPU-only multi-process launch gives independent runs with no all-reduce.
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision=effective_mixed_precision(config, cuda),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def storage_options(config: TrainingConfig) -> StorageOptions:
+    return StorageOptions(
+        gcs_credentials=config.gcs_credentials or None,
+        gcp_project=config.gcp_project or None,
+        s3_endpoint_url=config.s3_endpoint_url or None,
+        max_retries=config.storage_max_retries,
+        retry_backoff_seconds=config.storage_retry_backoff_seconds,
+    )
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import numpy
+    import safetensors
+    import transformers
+
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+        "numpy": numpy.__version__, "safetensors": safetensors.__version__,
+    }
+
+
+def plan_lines(config: TrainingConfig, num_processes: int, model: torch.nn.Module) -> list[str]:
+    size = count_parameters(model)
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes
+    tokens = per_step * config.seq_len
+    return [
+        f"model: GPT-NeoX {describe(size)}",
+        f"batch: {config.per_device_train_batch_size} per device x {config.gradient_accumulation_steps} accumulation x "
+        f"{num_processes} processes x {config.seq_len} tokens = {tokens:,} tokens per optimizer step",
+        f"schedule: {config.max_steps:,} steps ({config.max_steps * tokens / 1e9:.2f} B tokens), warmup "
+        f"{config.warmup_steps}, cosine to {config.min_learning_rate_ratio:g} x {config.learning_rate:g} at step "
+        f"{config.effective_lr_decay_steps():,}",
+        f"training FLOPs: {flops_per_token(size, config.model, config.seq_len) / 1e9:.2f} GFLOP per token",
+    ]
+
+
+class Trainer:
+    """Owns the objects of one run. `run()` returns normally at the end, or raises Preempted / NonFiniteLoss."""
+
+    def __init__(self, config: TrainingConfig, preemption: PreemptionFlag) -> None:
+        self.config = config
+        self.preemption = preemption
+        self.accelerator = make_accelerator(config)
+        self.is_main = self.accelerator.is_main_process
+        self.output_dir = Path(config.output_dir)
+        self.storage: Storage | None = None
+        self.uploader: BackgroundUploader | None = None
+        self.position = Position()
+        self.consecutive_nonfinite = 0
+        self.nonfinite_total = 0
+        self.last_save_time = time.monotonic()
+        self.last_log_sync_time = time.monotonic()
+        self.last_saved_step = -1
+        self.elapsed_before = 0.0
+        self.best_eval_loss = math.inf
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            log.info(message)
+
+    def run(self) -> None:
+        self._set_up()
+        try:
+            self._train()
+        finally:
+            self._tear_down()
+
+    # Set-up ---------------------------------------------------------------------------------------
+
+    def _set_up(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        set_seed(config.seed)
+        self._open_checkpoint_bucket()
+        resumed = self._load_resume_payload()
+        self._prepare_data(resumed)
+        self.model = build_model(config.model)
+        if resumed is not None:
+            _load_model_state(self.model, resumed.model_state)
+        self.log("\n".join(plan_lines(config, accelerator.num_processes, self.model)))
+        self.optimizer = build_optimizer(self.model, config)
+        self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.scheduler = build_scheduler(self.optimizer.optimizer, config)
+        if config.compile_model:
+            self.model = _compile(self.model)
+        if resumed is not None:
+            self._restore(resumed)
+        self.metrics = self._make_metrics()
+        self._start_time = time.monotonic()
+
+    def _open_checkpoint_bucket(self) -> None:
+        if not self.config.checkpoint_bucket:
+            return
+        self.storage = open_storage(self.config.checkpoint_bucket, storage_options(self.config))
+        # A tiny write now, so bad credentials fail in the first seconds, not at the first save hours later.
+        on_main(self.accelerator, self.storage.check_writable)
+        if self.is_main:
+            self.uploader = BackgroundUploader(
+                self.storage, self.config.remote_save_total_limit, self.config.storage_retry_backoff_seconds
+            )
+            self.log(f"checkpoints go to {self.output_dir} and {self.storage.url}")
+
+    def _load_resume_payload(self) -> CheckpointPayload | None:
+        config, accelerator = self.config, self.accelerator
+        if self.is_main:
+            clean_temp_folders(self.output_dir)
+        if not config.resume:
+            return None
+        name = on_main(accelerator, lambda: resolve_resume(config.resume, self.output_dir, self.storage).name)
+        folder = self.output_dir / name
+        if accelerator.is_local_main_process and not self.is_main and not folder.exists():
+            # Another node without a shared disk fetches its own copy.
+            resolve_resume(name, self.output_dir, self.storage)
+        accelerator.wait_for_everyone()
+        self.log(f"resuming from {folder}")
+        return load_checkpoint(folder)
+
+    def _prepare_data(self, resumed: CheckpointPayload | None) -> None:
+        config, accelerator = self.config, self.accelerator
+        data_dir = Path(config.data_dir)
+        if resumed is not None:
+            state = resumed.trainer_state
+            train = [ShardInfo.from_dict(d) for d in state["shards"]["train"]]
+            evaluation = [ShardInfo.from_dict(d) for d in state["shards"]["eval"]]
+            if state["seq_len"] != config.seq_len or state["seed"] != config.seed:
+                raise ValueError(
+                    f"--seq-len/--seed differ from the checkpoint's ({state['seq_len']}, {state['seed']}); "
+                    "the data order would change: use the checkpoint's values"
+                )
+            verify_frozen_shards(data_dir, train + evaluation)
+        else:
+            train, evaluation = on_main(accelerator, lambda: self._fetch_and_inspect_data(data_dir))
+        self.train_shards, self.eval_shards = train, evaluation
+        self.train_data = TokenSamples(data_dir, train, config.seq_len, config.seed)
+        self.eval_data = TokenSamples(data_dir, evaluation, config.seq_len, config.seed) if evaluation else None
+        self.log(
+            f"data: {len(train)} training shards ({self.train_data.samples_per_epoch:,} samples of {config.seq_len} "
+            f"tokens per epoch), {len(evaluation)} held out for evaluation"
+        )
+
+    def _fetch_and_inspect_data(self, data_dir: Path) -> tuple[list[ShardInfo], list[ShardInfo]]:
+        """Main process only (shards are validated once, before step 1); multi-node runs share the data folder."""
+        config = self.config
+        if config.data_bucket:
+            from pretrain.download import download_shards
+
+            source = open_storage(config.data_bucket, storage_options(config))
+            download_shards(source, data_dir, max_files=config.max_files or None, progress=self.is_main)
+        has_shards = data_dir.is_dir() and any(data_dir.rglob("*.npz"))
+        if config.generate_sample_data and not has_shards:
+            from pretrain.sample_data import generate_sample_data
+
+            self.log(f"{data_dir} has no shards: writing the synthetic sample corpus there")
+            generate_sample_data(data_dir, vocab_size=config.model.vocab_size, seed=config.seed)
+        rel_paths = discover_shards(data_dir, config.max_files or None)
+        shards = inspect_shards(data_dir, rel_paths, config.seq_len, config.model.vocab_size)
+        return split_eval_shards(shards, config.eval_shards)
+
+    def _restore(self, resumed: CheckpointPayload) -> None:
+        state = resumed.trainer_state
+        self.optimizer.load_state_dict(resumed.optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.position = Position(state["step"], state["samples_consumed"])
+        self.last_saved_step = state["step"]
+        self.elapsed_before = state.get("elapsed_seconds", 0.0)
+        self.best_eval_loss = state.get("best_eval_loss") or math.inf
+        self.nonfinite_total = state.get("nonfinite_steps", 0)
+        self.run_name = state["run_name"]
+        self.wandb_run_id = state.get("wandb_run_id")
+        self.history = state.get("history", [])
+        rank_key = f"rank{self.accelerator.process_index}"
+        rng.restore(resumed.rng_states.get(rank_key, resumed.rng_states["rank0"]))
+
+    def _make_metrics(self) -> Metrics:
+        config, accelerator = self.config, self.accelerator
+        if not hasattr(self, "run_name"):
+            names = [config.run_name or f"{config_label(config)}-{datetime.now():%Y%m%d-%H%M%S}"]
+            self.run_name = broadcast_object_list(names)[0]
+            self.wandb_run_id = uuid.uuid4().hex[:12] if config.wandb else None
+            self.history = []
+        self.run_dir = Path(config.logging_dir) / self.run_name
+        size = count_parameters(accelerator.unwrap_model(self.model))
+        tokens_per_step = self.global_batch_samples * config.seq_len
+        peak = peak_flops_per_device(accelerator.device, config.peak_tflops_per_device)
+        throughput = ThroughputModel(
+            tokens_per_step=tokens_per_step,
+            flops_per_token=flops_per_token(size, config.model, config.seq_len),
+            peak_flops_total=peak * accelerator.num_processes if peak else None,
+        )
+        wandb_settings = None
+        if config.wandb:
+            wandb_settings = {
+                "project": config.wandb_project, "run_id": self.wandb_run_id or uuid.uuid4().hex[:12],
+                "name": self.run_name, "mode": config.wandb_mode, "config": config_to_dict(config),
+            }
+        metrics = Metrics(self.run_dir, self.is_main, config.logging_steps, config.max_steps, self.position.step,
+                          throughput, wandb_settings)
+        metrics.history = list(self.history)
+        self.log(f"logs: {self.run_dir} (tensorboard --logdir {config.logging_dir})")
+        return metrics
+
+    @property
+    def global_batch_samples(self) -> int:
+        c = self.config
+        return c.per_device_train_batch_size * c.gradient_accumulation_steps * self.accelerator.num_processes
+
+    # The loop -------------------------------------------------------------------------------------
+
+    def _train(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        loader = make_train_loader(
+            self.train_data, self.position.samples_consumed, config.per_device_train_batch_size,
+            accelerator.process_index, accelerator.num_processes, config.dataloader_num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        batches = iter(loader)
+        self.model.train()
+        if self.position.step >= config.max_steps:
+            self.log(f"already at step {self.position.step} (--max-steps {config.max_steps}): nothing to train")
+        self.metrics.start_window(self.position.step)
+        while self.position.step < config.max_steps:
+            loss_sum = self._optimizer_step(batches)
+            self.position.step += 1
+            self.position.samples_consumed += self.global_batch_samples
+            self._log_step(loss_sum)
+            self._maybe_evaluate()
+            preempted, time_due = self._agree_on_flags()
+            if preempted:
+                self._save("emergency")
+                raise Preempted(self.preemption.signal_name or "preemption")
+            self._maybe_save(time_due)
+        if self.last_saved_step != self.position.step:
+            self._save("final")
+        self._evaluate()
+        self._export()
+
+    def _optimizer_step(self, batches) -> torch.Tensor:
+        config, accelerator, model = self.config, self.accelerator, self.model
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for _micro_step in range(config.gradient_accumulation_steps):
+            input_ids = next(batches).to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+        # One host sync per step: the price of never applying a NaN/inf update to the weights.
+        finite = bool(torch.isfinite(grad_norm).item() and torch.isfinite(loss_sum).item())
+        if finite:
+            self.optimizer.step()
+            skipped = accelerator.optimizer_step_was_skipped  # fp16 scaler overflow
+        else:
+            skipped = True
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count_nonfinite(skipped)
+        self._last_grad_norm = grad_norm
+        return loss_sum
+
+    def _count_nonfinite(self, skipped: bool) -> None:
+        if not skipped:
+            self.consecutive_nonfinite = 0
+            return
+        self.consecutive_nonfinite += 1
+        self.nonfinite_total += 1
+        self.log(f"step {self.position.step + 1}: non-finite loss or gradient, update skipped "
+                 f"({self.consecutive_nonfinite} in a row)")
+        if self.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
+            raise NonFiniteLoss(
+                f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+                f"(--max-consecutive-nonfinite {self.config.max_consecutive_nonfinite}); stopping. The last good "
+                "checkpoint is kept: lower --learning-rate or check the data, then --resume latest"
+            )
+
+    def _log_step(self, loss_sum: torch.Tensor) -> None:
+        step = self.position.step
+        values = self.metrics.end_step(step, loss_sum, self.config.gradient_accumulation_steps, self.accelerator)
+        if values is None:
+            return
+        values["train/lr"] = self._lr_of_step(step)
+        values["train/grad_norm"] = float(self._last_grad_norm)
+        values["train/nonfinite_steps"] = float(self.nonfinite_total)
+        values["train/epoch"] = self.position.samples_consumed / self.train_data.samples_per_epoch
+        values["time/elapsed_seconds"] = self.elapsed_before + time.monotonic() - self._start_time
+        if self.uploader is not None:
+            values["checkpoint/upload_failures"] = float(getattr(self, "upload_failures", 0))
+        self.metrics.publish(step, values)
+
+    def _lr_of_step(self, step: int) -> float:
+        """The rate used by optimizer step `step` (1-based), which is what was applied, not the next one."""
+        return self.config.learning_rate * self.scheduler.lr_lambdas[0](step - 1)
+
+    def _agree_on_flags(self) -> tuple[bool, bool]:
+        """All processes must act together: a collective per step (a few bytes) when there is more than one."""
+        time_due = (
+            self.config.save_every_minutes > 0
+            and time.monotonic() - self.last_save_time >= 60 * self.config.save_every_minutes
+        )
+        flags = torch.tensor([int(self.preemption.requested), int(time_due)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        return bool(flags[0].item()), bool(flags[1].item())
+
+    # Evaluation, checkpoints, export ----------------------------------------------------------------
+
+    def _maybe_evaluate(self) -> None:
+        if self.config.eval_steps and self.position.step % self.config.eval_steps == 0 and self.position.step < self.config.max_steps:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        if self.eval_data is None:
+            return
+        config, accelerator = self.config, self.accelerator
+        self.model.eval()
+        total = torch.zeros((), device=accelerator.device)
+        count = 0
+        with torch.no_grad():
+            for input_ids in make_eval_batches(self.eval_data, config.per_device_train_batch_size,
+                                               accelerator.process_index, accelerator.num_processes, config.eval_batches):
+                input_ids = input_ids.to(accelerator.device)
+                total += self.model(input_ids=input_ids, labels=input_ids).loss.detach()
+                count += 1
+        self.model.train()
+        loss = accelerator.reduce(total / count, reduction="mean").item()
+        self.best_eval_loss = min(self.best_eval_loss, loss)
+        self.metrics.publish(self.position.step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
+        self.metrics.start_window(self.position.step)
+
+    def _maybe_save(self, time_due: bool) -> None:
+        if self.position.step % self.config.save_steps == 0:
+            self._save("scheduled")
+        elif time_due:
+            self._save(f"{self.config.save_every_minutes:g} minutes since the last save")
+
+    def _save(self, reason: str) -> None:
+        accelerator = self.accelerator
+        started = time.monotonic()
+        model_state = accelerator.get_state_dict(self.model)  # gathers the full state under FSDP
+        optimizer_state = self.optimizer.state_dict()
+        rng_states = gather_object([rng.capture()])
+        epoch = self.train_data.order.epoch_of(self.position.samples_consumed)
+        name = checkpoint_name(epoch, self.position.step, len(self.train_shards))
+        def write() -> None:
+            payload = CheckpointPayload(
+                model_state=_clean_state_dict(model_state),
+                optimizer_state=optimizer_state,
+                rng_states={f"rank{i}": state for i, state in enumerate(rng_states)},
+                trainer_state=self._trainer_state(),
+            )
+            folder = write_checkpoint(self.output_dir, name, payload)
+            self._report_uploads()
+            protected = {folder.name}
+            if self.uploader is not None:
+                self.uploader.submit(folder)
+                protected |= self.uploader.protected()
+            prune_local(self.output_dir, self.config.save_total_limit, protected)
+            self.metrics.console(f"saved {folder} ({reason}, {time.monotonic() - started:.1f} s)")
+            self.metrics.flush()
+            self._maybe_sync_logs()
+
+        on_main(accelerator, write)
+        self.last_saved_step = self.position.step
+        self.last_save_time = time.monotonic()
+        self.metrics.start_window(self.position.step)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "step": self.position.step,
+            "samples_consumed": self.position.samples_consumed,
+            "epoch": self.train_data.order.epoch_of(self.position.samples_consumed),
+            "seed": self.config.seed,
+            "seq_len": self.config.seq_len,
+            "num_processes": self.accelerator.num_processes,
+            "global_batch_samples": self.global_batch_samples,
+            "shards": {"train": [s.to_dict() for s in self.train_shards], "eval": [s.to_dict() for s in self.eval_shards]},
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "best_eval_loss": self.best_eval_loss if math.isfinite(self.best_eval_loss) else None,
+            "nonfinite_steps": self.nonfinite_total,
+            "history": self.metrics.history,
+            "run_name": self.run_name,
+            "wandb_run_id": self.wandb_run_id,
+            "elapsed_seconds": self.elapsed_before + time.monotonic() - self._start_time,
+            "config": config_to_dict(self.config),
+            "versions": library_versions(),
+        }
+
+    def _report_uploads(self) -> None:
+        if self.uploader is None:
+            return
+        report = self.uploader.take_report()
+        self.upload_failures = getattr(self, "upload_failures", 0) + len(report.failed)
+        for failure in report.failed:
+            log.error("checkpoint upload FAILED: %s (the next checkpoint will still be uploaded)", failure)
+
+    def _maybe_sync_logs(self) -> None:
+        every = self.config.sync_logs_every_minutes
+        if self.uploader is not None and every > 0 and time.monotonic() - self.last_log_sync_time >= 60 * every:
+            self.uploader.sync_logs(self.run_dir)
+            self.last_log_sync_time = time.monotonic()
+
+    def _export(self) -> None:
+        """save_pretrained of the unwrapped model: loadable with AutoModelForCausalLM.from_pretrained."""
+        if not self.config.export_final_model:
+            return
+        state = self.accelerator.get_state_dict(self.model)
+        if self.is_main:
+            final = self.output_dir / EXPORT_DIR_NAME
+            temp = self.output_dir / f".tmp-{EXPORT_DIR_NAME}-{os.getpid()}"
+            shutil.rmtree(temp, ignore_errors=True)
+            unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            unwrapped.save_pretrained(temp, state_dict=_clean_state_dict(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temp, final)
+            self.metrics.console(f"exported the final model to {final}")
+        self.accelerator.wait_for_everyone()
+
+    def _tear_down(self) -> None:
+        if self.uploader is not None:
+            if self.uploader.busy():
+                timeout = self.config.upload_timeout_seconds
+                if self.preemption.requested:
+                    timeout = min(timeout, self.config.preemption_grace_seconds)
+                if not self.uploader.wait(timeout):
+                    log.error("checkpoint upload still running after %.0f s; the local checkpoint is complete "
+                              "and will be used by --resume latest on this machine", timeout)
+            if hasattr(self, "run_dir"):
+                self.uploader.sync_logs(self.run_dir)
+                self.uploader.wait(min(60.0, self.config.upload_timeout_seconds))
+            self._report_uploads()
+            self.uploader.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        self.accelerator.end_training()
+
+
+def on_main(accelerator: Accelerator, compute):
+    """Runs `compute` on the main process and gives its result to all; an error there is raised everywhere.
+
+    Without this, a bad shard or a full disk seen by rank 0 would leave the other ranks waiting at a collective.
+    """
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [("ok", compute())]
+        except Exception as error:  # noqa: BLE001 - re-raised below on every rank
+            outcome = [("error", error)]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def config_label(config: TrainingConfig) -> str:
+    from configs import CONFIGS
+
+    for name, named in CONFIGS.items():
+        if named.model == config.model:
+            return name
+    return "run"
+
+
+def _compile(model: torch.nn.Module) -> torch.nn.Module:
+    """After prepare(), as Accelerate does; a failure to compile is a warning, not a dead run."""
+    try:
+        return torch.compile(model)
+    except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
+        log.warning("torch.compile failed (%s); training without it", error)
+        return model
+
+
+def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP), contiguous CPU tensors."""
+    cleaned = {}
+    for key, tensor in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key.replace("._orig_mod.", ".")] = tensor.detach().to("cpu").contiguous()
+    return cleaned
+
+
+def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(_clean_state_dict(state), strict=False)
+    tied = {"embed_out.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+

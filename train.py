@@ -1,0 +1,81 @@
+"""Entry point: parse the config, build the trainer, run it, map the outcome to an exit code.
+
+Run through `./start_training.sh` (which calls `accelerate launch train.py ...`) or directly.
+Exit codes: 0 done, 2 bad input (config, data, checkpoint, bucket), 3 too many non-finite steps,
+75 preempted after an emergency checkpoint (resume with --resume latest), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 1, 2, 3
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s rank{rank} %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "azure", "botocore", "google", "filelock", "torch._dynamo", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _record_for_launcher(name: str, value: str) -> None:
+    """start_training.sh reads pid files (to forward signals) and the exit code (accelerate launch masks it)."""
+    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
+    if launch_dir:
+        Path(launch_dir, name).write_text(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    from pretrain.cli import parse_config
+
+    try:
+        config = parse_config(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if config.dry_run:
+        from pretrain.plan import print_dry_run
+
+        print_dry_run(config)
+        return EXIT_OK
+
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.loop import NonFiniteLoss, Preempted, Trainer
+    from pretrain.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+    from pretrain.storage import StorageError, redact
+
+    rank = os.environ.get("RANK", "0")
+    _record_for_launcher(f"rank{rank}.pid", str(os.getpid()))
+    preemption = PreemptionFlag()
+    preemption.install()
+    log = logging.getLogger("train")
+    try:
+        Trainer(config, preemption).run()
+        code = EXIT_OK
+    except Preempted as signal_name:
+        log.warning("stopped by %s after writing an emergency checkpoint; continue with --resume latest", signal_name)
+        code = PREEMPTED_EXIT_CODE
+    except NonFiniteLoss as error:
+        log.error("%s", error)
+        code = EXIT_NONFINITE
+    except (ValueError, FileNotFoundError, CheckpointError, StorageError, PermissionError, OSError) as error:
+        log.error("error: %s", redact(str(error)))
+        code = EXIT_BAD_INPUT
+    if rank == "0":
+        _record_for_launcher("exit_code", str(code))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
