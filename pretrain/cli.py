@@ -67,7 +67,6 @@ def build_parser(base: TrainingConfig) -> argparse.ArgumentParser:
     parser = _ErrorRaisingParser(
         prog="train.py",
         description="Pre-train a GPT-NeoX model. Defaults shown are those of the chosen --config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--config", default="test", help=f"named config: {', '.join(CONFIGS)}")
@@ -75,7 +74,8 @@ def build_parser(base: TrainingConfig) -> argparse.ArgumentParser:
     for section, f, field_type, comment in _config_fields():
         group = groups.setdefault(section, parser.add_argument_group(section))
         current = getattr(base.model, f.name) if section == "model shape" else getattr(base, f.name)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": current, "help": comment or " "}
+        help_text = f"{comment} (default: %(default)s)" if comment else "(default: %(default)s)"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": current, "help": help_text}
         if field_type is bool:
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         else:
@@ -117,8 +117,6 @@ def validate(config: TrainingConfig) -> TrainingConfig:
             f"--lr-decay-steps ({config.lr_decay_steps}) is below --max-steps ({config.max_steps}); "
             "the schedule would end before training does"
         )
-    if config.warmup_steps > config.effective_lr_decay_steps():
-        raise ValueError(f"--warmup-steps ({config.warmup_steps}) exceeds the decay horizon ({config.effective_lr_decay_steps()})")
     model = config.model
     if model.hidden_size % model.num_attention_heads:
         raise ValueError(

@@ -7,6 +7,7 @@ iterator state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -310,7 +311,6 @@ class Trainer:
             self._maybe_save(time_due)
         if self.last_saved_step != self.position.step:
             self._save("final")
-        self._evaluate()
         self._export()
 
     def _optimizer_step(self, batches) -> torch.Tensor:
@@ -383,7 +383,9 @@ class Trainer:
     # Evaluation, checkpoints, export ----------------------------------------------------------------
 
     def _maybe_evaluate(self) -> None:
-        if self.config.eval_steps and self.position.step % self.config.eval_steps == 0 and self.position.step < self.config.max_steps:
+        """Every eval_steps, and always after the last step (before its checkpoint, so best_eval_loss includes it)."""
+        step = self.position.step
+        if step == self.config.max_steps or (self.config.eval_steps and step % self.config.eval_steps == 0):
             self._evaluate()
 
     def _evaluate(self) -> None:
@@ -490,7 +492,8 @@ class Trainer:
             temp = self.output_dir / f".tmp-{EXPORT_DIR_NAME}-{os.getpid()}"
             shutil.rmtree(temp, ignore_errors=True)
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            unwrapped.save_pretrained(temp, state_dict=_clean_state_dict(state))
+            with _quiet_transformers():
+                unwrapped.save_pretrained(temp, state_dict=_clean_state_dict(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temp, final)
             self.metrics.console(f"exported the final model to {final}")
@@ -541,6 +544,18 @@ def config_label(config: TrainingConfig) -> str:
         if named.model == config.model:
             return name
     return "run"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """save_pretrained draws its own progress bar, which would break our one-line-per-event console."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _compile(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,131 @@
+"""Data reader figures (not a test): start-up time when resuming near sample 10 vs 10**8, and peak RSS while reading
+a dataset vs one 10x larger. Run from the repository root: python -m bench.bench_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from pretrain.data import TokenSamples, make_train_loader
+from pretrain.shards import discover_shards, inspect_shards
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+RESUME_SEQ_LEN = 128
+RESUME_SHARDS = 8
+RESUME_TOKENS_PER_SHARD = 65536
+RSS_SEQ_LEN = 512
+RSS_BATCH = 8
+RSS_SHARDS = 8
+RSS_TOKENS_PER_SHARD = 2**19
+
+
+def write_random_shards(out_dir: Path, num_shards: int, tokens_per_shard: int, compressed: bool, seed: int) -> None:
+    """Uniform-format shards, so timing and memory differences come from position and size, not from format."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    save = np.savez_compressed if compressed else np.savez
+    for index in range(num_shards):
+        ids = rng.integers(0, VOCAB, size=tokens_per_shard, dtype=np.uint16)
+        save(out_dir / f"shard_{index:04d}.npz", input_ids=ids if index % 2 == 0 else ids.reshape(-1, 256))
+
+
+def time_to_first_batch(data_dir: Path, start_sample: int, num_workers: int) -> float:
+    shards = inspect_shards(data_dir, discover_shards(data_dir), RESUME_SEQ_LEN, VOCAB, check_token_range=False)
+    began = time.perf_counter()
+    dataset = TokenSamples(data_dir, shards, RESUME_SEQ_LEN, seed=0)
+    loader = make_train_loader(dataset, start_sample, 8, rank=0, world_size=1, num_workers=num_workers)
+    iterator = iter(loader)
+    next(iterator)
+    elapsed = time.perf_counter() - began
+    del iterator, loader
+    return elapsed
+
+
+def bench_resume(root: Path, repeats: int) -> None:
+    print(f"resume start-up: {RESUME_SHARDS} shards x {RESUME_TOKENS_PER_SHARD} tokens, seq_len {RESUME_SEQ_LEN}, "
+          f"median of {repeats}, constructing dataset + loader through the first batch")
+    for compressed in (False, True):
+        data_dir = root / f"resume-{'compressed' if compressed else 'stored'}"
+        write_random_shards(data_dir, RESUME_SHARDS, RESUME_TOKENS_PER_SHARD, compressed, seed=1)
+        for num_workers in (0, 2):
+            time_to_first_batch(data_dir, 10, num_workers)
+            near, far = [], []
+            for repeat in range(repeats):
+                # Alternate which position goes first so drifting machine load hits both alike.
+                for times, start in [(near, 10), (far, 10**8)][:: 1 if repeat % 2 == 0 else -1]:
+                    times.append(time_to_first_batch(data_dir, start, num_workers))
+            near_ms, far_ms = statistics.median(near) * 1e3, statistics.median(far) * 1e3
+            print(f"  {'compressed' if compressed else 'stored':10s} workers={num_workers}: "
+                  f"start 10: {near_ms:7.2f} ms   start 1e8: {far_ms:7.2f} ms   ratio {far_ms / near_ms:.3f}")
+
+
+def peak_rss_child(data_dir: Path, batches: int, load_all: bool) -> None:
+    """Runs in a fresh process: validate every shard, then read `batches` batches; prints peak RSS in KiB.
+
+    load_all is the control: it also holds every shard in RAM, showing the measurement would catch that.
+    """
+    shards = inspect_shards(data_dir, discover_shards(data_dir), RSS_SEQ_LEN, VOCAB)
+    held = [np.load(data_dir / s.path)["input_ids"] for s in shards] if load_all else []
+    dataset = TokenSamples(data_dir, shards, RSS_SEQ_LEN, seed=0)
+    checksum = 0
+    for _, batch in zip(range(batches), make_train_loader(dataset, 0, RSS_BATCH, 0, 1, num_workers=0)):
+        checksum += int(batch[:, 0].sum())
+    del held
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def measure_peak_rss(data_dir: Path, batches: int, load_all: bool = False) -> int:
+    command = [sys.executable, "-m", "bench.bench_data", "--rss-child", str(data_dir), "--batches", str(batches)]
+    command += ["--load-all"] if load_all else []
+    result = subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    return int(result.stdout.split()[-1])
+
+
+def bench_rss(root: Path, batches: int) -> None:
+    shard_mib = RSS_TOKENS_PER_SHARD * 2 / 2**20
+    print(f"peak RSS: {batches} batches of {RSS_BATCH} x {RSS_SEQ_LEN} tokens after validating every shard "
+          f"(num_workers 0, fresh process each); shards of {shard_mib:.0f} MiB of uint16 ids")
+    for compressed in (False, True):
+        kind = "compressed" if compressed else "stored"
+        small, large = root / f"rss-{kind}-1x", root / f"rss-{kind}-10x"
+        write_random_shards(small, RSS_SHARDS, RSS_TOKENS_PER_SHARD, compressed, seed=2)
+        write_random_shards(large, 10 * RSS_SHARDS, RSS_TOKENS_PER_SHARD, compressed, seed=2)
+        small_kib, large_kib = measure_peak_rss(small, batches), measure_peak_rss(large, batches)
+        print(f"  {kind:10s}: {RSS_SHARDS} shards ({RSS_SHARDS * shard_mib:.0f} MiB): {small_kib / 1024:7.1f} MiB   "
+              f"{10 * RSS_SHARDS} shards ({10 * RSS_SHARDS * shard_mib:.0f} MiB): {large_kib / 1024:7.1f} MiB   "
+              f"growth {100 * (large_kib - small_kib) / small_kib:+.1f}%")
+    small_kib, large_kib = measure_peak_rss(small, batches, True), measure_peak_rss(large, batches, True)
+    print(f"  control, every shard also loaded into RAM: {small_kib / 1024:7.1f} MiB -> {large_kib / 1024:7.1f} MiB   "
+          f"growth {100 * (large_kib - small_kib) / small_kib:+.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--load-all", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child is not None:
+        peak_rss_child(args.rss_child, args.batches, args.load_all)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        bench_resume(Path(tmp), args.repeats)
+        bench_rss(Path(tmp), args.batches)
+
+
+if __name__ == "__main__":
+    main()

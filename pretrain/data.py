@@ -1,0 +1,277 @@
+"""The global sample order over a frozen shard list, and the readers built on it: a dataset indexed by global sample
+index, per-rank micro-batch index lists, and the train/eval loaders. Resuming at any sample costs O(1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pretrain.shards import (
+    ShardError,
+    ShardInfo,
+    TokenStream,
+    discover_shards,
+    inspect_shards,
+    split_eval_shards,
+    verify_frozen_shards,
+)
+
+__all__ = [
+    "ShardError",
+    "ShardInfo",
+    "discover_shards",
+    "inspect_shards",
+    "split_eval_shards",
+    "verify_frozen_shards",
+    "SampleOrder",
+    "TokenSamples",
+    "RankBatchSampler",
+    "rank_batches",
+    "make_train_loader",
+    "make_eval_batches",
+]
+
+MIX_SHARDS = 2
+EPOCH_PLANS_CACHED = 2
+PERMUTATIONS_CACHED = 4
+SEED_TAG_SHARD_ORDER = 0
+SEED_TAG_BLOCK = 1
+
+
+class SampleOrder:
+    """The global order: a pure function of (seed, frozen shard list, seq_len, mix_shards); independent of the
+    number of processes, and O(1) to enter at any global index.
+
+    Each epoch, the shard positions are shuffled and grouped into blocks of mix_shards consecutive shards; the
+    samples of a block are then visited in a shuffled order of the block's combined samples. locate() finds the
+    block by binary search over the epoch's cumulative block sizes (O(num_shards), cached per epoch) and maps the
+    position through the block's permutation (O(samples in the block), cached for a few blocks; the reader pays
+    the same cost anyway when it opens those shards). Nothing depends on how many samples came before, so
+    resuming at sample 10**8 costs what resuming at 10 does.
+
+    Why blocks of shards rather than one global shuffle: a reader touches only mix_shards shards at a time, so an
+    LRU of a few open shards per worker suffices and compressed shards are decompressed once per epoch. The cost
+    is weaker mixing: consecutive global batches come from the same mix_shards shards, so shards are assumed to be
+    pre-shuffled (no shard dominated by one document source). Mixing 2 shards instead of 1 is the cheap
+    improvement: every batch draws from two shards, and which shards pair up changes every epoch, for twice the
+    open shards per reader. mix_shards is part of the order; keep it fixed for the life of a run.
+
+    Permutations come from the raw PCG64 stream of a SeedSequence (argsort of random 64-bit keys), both of which
+    numpy documents as stable across versions and platforms; Generator.permutation is not so guaranteed.
+    """
+
+    def __init__(self, shards: list[ShardInfo], seq_len: int, seed: int, mix_shards: int = MIX_SHARDS):
+        if seq_len < 1:
+            raise ValueError(f"seq_len is {seq_len}; expected a positive number of tokens per sample")
+        if seed < 0:
+            raise ValueError(f"seed is {seed}; expected a non-negative integer (numpy SeedSequence needs one)")
+        if mix_shards < 1:
+            raise ValueError(f"mix_shards is {mix_shards}; expected at least 1 shard per block")
+        self.seq_len = seq_len
+        self.seed = seed
+        self.mix_shards = mix_shards
+        self.num_shards = len(shards)
+        self._shard_samples = np.array([s.num_samples(seq_len) for s in shards], dtype=np.int64)
+        self.samples_per_epoch = int(self._shard_samples.sum())
+        if self.samples_per_epoch == 0:
+            raise ValueError(
+                f"the {len(shards)} shards hold no sample of seq_len {seq_len}; add shards or lower seq_len"
+            )
+        self._epoch_plans: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._permutations: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def epoch_of(self, global_index: int) -> int:
+        _check_index(global_index)
+        return global_index // self.samples_per_epoch
+
+    def locate(self, global_index: int) -> tuple[int, int]:
+        """(shard position in the shard list, sample index within that shard) of a global sample index."""
+        _check_index(global_index)
+        epoch, index_in_epoch = divmod(global_index, self.samples_per_epoch)
+        shard_order, block_ends = self._epoch_plan(epoch)
+        block = int(np.searchsorted(block_ends, index_in_epoch, side="right"))
+        block_start = int(block_ends[block - 1]) if block else 0
+        members = shard_order[block * self.mix_shards : (block + 1) * self.mix_shards]
+        position_in_block = int(self._block_permutation(epoch, block, members)[index_in_epoch - block_start])
+        member_ends = np.cumsum(self._shard_samples[members])
+        member = int(np.searchsorted(member_ends, position_in_block, side="right"))
+        member_start = int(member_ends[member - 1]) if member else 0
+        return int(members[member]), position_in_block - member_start
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shard order and the cumulative sample count at the end of each block."""
+        if epoch not in self._epoch_plans:
+            shard_order = _permutation(self.num_shards, [self.seed, SEED_TAG_SHARD_ORDER, epoch])
+            block_starts = np.arange(0, self.num_shards, self.mix_shards)
+            block_sizes = np.add.reduceat(self._shard_samples[shard_order], block_starts)
+            _remember(self._epoch_plans, epoch, (shard_order, np.cumsum(block_sizes)), EPOCH_PLANS_CACHED)
+        self._epoch_plans.move_to_end(epoch)
+        return self._epoch_plans[epoch]
+
+    def _block_permutation(self, epoch: int, block: int, members: np.ndarray) -> np.ndarray:
+        key = (epoch, block)
+        if key not in self._permutations:
+            block_samples = int(self._shard_samples[members].sum())
+            permutation = _permutation(block_samples, [self.seed, SEED_TAG_BLOCK, epoch, block])
+            _remember(self._permutations, key, permutation, PERMUTATIONS_CACHED)
+        self._permutations.move_to_end(key)
+        return self._permutations[key]
+
+
+class TokenSamples(Dataset):
+    """Samples of seq_len token ids indexed by global sample index (unbounded: index // samples_per_epoch is the
+    epoch). Shards open lazily, at most cache_shards at a time per process; safe in DataLoader workers because
+    each process opens its own mappings and pickling drops them.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        shards: list[ShardInfo],
+        seq_len: int,
+        seed: int,
+        cache_shards: int = 4,
+        mix_shards: int = MIX_SHARDS,
+    ):
+        if cache_shards < mix_shards:
+            raise ValueError(
+                f"cache_shards is {cache_shards} but the order reads {mix_shards} shards at a time; "
+                f"set cache_shards >= {mix_shards} or every sample would reopen a shard"
+            )
+        self.data_dir = data_dir
+        self.shards = list(shards)
+        self.seq_len = seq_len
+        self.cache_shards = cache_shards
+        self.order = SampleOrder(self.shards, seq_len, seed, mix_shards)
+        self._streams: OrderedDict[int, TokenStream] = OrderedDict()
+        self._owner_pid = os.getpid()
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.order.samples_per_epoch
+
+    @property
+    def open_shard_positions(self) -> list[int]:
+        """Positions of the shards this process holds open, least recently used first."""
+        return list(self._streams)
+
+    def __getitem__(self, global_index: int) -> torch.Tensor:
+        position, sample = self.order.locate(global_index)
+        tokens = self._stream(position).read(sample * self.seq_len, self.seq_len)
+        return torch.from_numpy(tokens)
+
+    def _stream(self, position: int) -> TokenStream:
+        if os.getpid() != self._owner_pid:
+            # A forked worker inherits the parent's cache; start its own instead of sharing decompressed arrays.
+            self._streams = OrderedDict()
+            self._owner_pid = os.getpid()
+        if position not in self._streams:
+            stream = TokenStream(self.data_dir / self.shards[position].path)
+            _remember(self._streams, position, stream, self.cache_shards)
+        self._streams.move_to_end(position)
+        return self._streams[position]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_streams"] = OrderedDict()
+        return state
+
+
+def rank_batches(start_sample: int, per_device_batch: int, rank: int, world_size: int) -> Iterator[list[int]]:
+    """Infinite global sample indices of one rank's micro-batches: micro-batch m covers global samples
+    [start + m*G, start + (m+1)*G) with G = per_device_batch * world_size, and rank r takes the r-th slice of b."""
+    _check_layout(start_sample, per_device_batch, rank, world_size)
+    global_batch = per_device_batch * world_size
+    first = start_sample + rank * per_device_batch
+    for micro_batch in itertools.count():
+        begin = first + micro_batch * global_batch
+        yield list(range(begin, begin + per_device_batch))
+
+
+class RankBatchSampler:
+    """rank_batches as a DataLoader batch_sampler; every iter() restarts at start_sample."""
+
+    def __init__(self, start_sample: int, per_device_batch: int, rank: int, world_size: int):
+        _check_layout(start_sample, per_device_batch, rank, world_size)
+        self.start_sample = start_sample
+        self.per_device_batch = per_device_batch
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return rank_batches(self.start_sample, self.per_device_batch, self.rank, self.world_size)
+
+
+def make_train_loader(
+    dataset: TokenSamples,
+    start_sample: int,
+    per_device_batch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> Iterable[torch.Tensor]:
+    """An infinite, in-order loader of long tensors [per_device_batch, seq_len] starting at global sample
+    start_sample; create one iterator per run segment (each iter() starts over at start_sample)."""
+    return DataLoader(
+        dataset,
+        batch_sampler=RankBatchSampler(start_sample, per_device_batch, rank, world_size),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def make_eval_batches(
+    dataset: TokenSamples, per_device_batch: int, rank: int, world_size: int, max_batches: int
+) -> Iterator[torch.Tensor]:
+    """The same batches at every evaluation: the first micro-batches of epoch 0 of the eval order, split across
+    ranks like training. Capped to what fits in one epoch so no sample is counted twice."""
+    _check_layout(0, per_device_batch, rank, world_size)
+    if max_batches < 1:
+        raise ValueError(f"max_batches is {max_batches}; expected at least 1 evaluation micro-batch")
+    global_batch = per_device_batch * world_size
+    fitting = dataset.samples_per_epoch // global_batch
+    if fitting == 0:
+        raise ValueError(
+            f"eval shards hold {dataset.samples_per_epoch} samples, fewer than one global micro-batch of "
+            f"{global_batch} ({per_device_batch} x {world_size} ranks); hold out more eval shards or lower the batch"
+        )
+    batches = itertools.islice(rank_batches(0, per_device_batch, rank, world_size), min(max_batches, fitting))
+    return (torch.stack([dataset[index] for index in indices]) for indices in batches)
+
+
+def _permutation(size: int, seed_words: list[int]) -> np.ndarray:
+    keys = np.random.PCG64(np.random.SeedSequence(seed_words)).random_raw(size)
+    permutation = np.argsort(keys, kind="stable")
+    return permutation.astype(np.int32) if size < 2**31 else permutation
+
+
+def _remember(cache: OrderedDict, key, value, capacity: int) -> None:
+    cache[key] = value
+    while len(cache) > capacity:
+        cache.popitem(last=False)
+
+
+def _check_index(global_index: int) -> None:
+    if global_index < 0:
+        raise IndexError(f"global sample index is {global_index}; expected a non-negative index")
+
+
+def _check_layout(start_sample: int, per_device_batch: int, rank: int, world_size: int) -> None:
+    if start_sample < 0:
+        raise ValueError(f"start_sample is {start_sample}; expected a non-negative global sample index")
+    if per_device_batch < 1:
+        raise ValueError(f"per_device_batch is {per_device_batch}; expected at least 1 sample")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world_size {world_size}; expected 0 <= rank < world_size")

@@ -1,0 +1,305 @@
+"""Token shards on local disk: finding them, validating them once before training, and opening one for reading.
+
+A shard is an .npz holding an integer array `input_ids` (1-D, or 2-D read row-major); stored members are memory-mapped.
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+ARRAY_NAME = "input_ids"
+FORMAT_HINT = "see README, Data format"
+SCAN_CHUNK_BYTES = 8 * 1024 * 1024
+ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+ZIP_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
+
+
+class ShardError(ValueError):
+    """A shard that cannot be trained on; the message is one line naming the file, the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as frozen into checkpoints: path relative to data_dir (posix separators), tokens, file size."""
+
+    path: str
+    num_tokens: int
+    size_bytes: int
+
+    def num_samples(self, seq_len: int) -> int:
+        return self.num_tokens // seq_len
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "num_tokens": self.num_tokens, "size_bytes": self.size_bytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShardInfo:
+        return cls(path=str(d["path"]), num_tokens=int(d["num_tokens"]), size_bytes=int(d["size_bytes"]))
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    """Where `input_ids` lives in a shard and what it looks like, known without reading the token data."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran_order: bool
+    stored: bool
+    data_offset: int | None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def discover_shards(data_dir: Path, max_files: int | None = None) -> list[str]:
+    """Relative posix paths of every *.npz under data_dir (recursive), sorted, the first max_files of them."""
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"{data_dir}: data directory does not exist; create it with token shards "
+            f"or run `python -m pretrain.sample_data --out {data_dir}`"
+        )
+    if max_files is not None and max_files < 1:
+        raise ValueError(f"max_files is {max_files}; expected a positive number of shards or None for all")
+    rel_paths = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*.npz") if p.is_file())
+    if not rel_paths:
+        raise FileNotFoundError(
+            f"{data_dir}: no .npz shards found (searched recursively); expected files holding an integer "
+            f"array {ARRAY_NAME} ({FORMAT_HINT}); run `python -m pretrain.sample_data --out {data_dir}` for sample data"
+        )
+    return rel_paths[:max_files]
+
+
+def inspect_shards(
+    data_dir: Path, rel_paths: list[str], seq_len: int, vocab_size: int, check_token_range: bool = True
+) -> list[ShardInfo]:
+    """Validate every shard and return its ShardInfo; raises ShardError naming the first bad file.
+
+    Dtype, shape and length come from the .npy header only. The token-range check reads every shard once in
+    fixed-size chunks (memory stays flat; compressed members are decompressed as a stream): O(dataset bytes) at
+    disk speed, so very large datasets may pass check_token_range=False and rely on the tokenizer being right.
+    """
+    infos = []
+    for rel_path in rel_paths:
+        path = data_dir / rel_path
+        header = read_array_header(path)
+        check_header(path, header, seq_len)
+        if check_token_range:
+            check_token_ids(path, header, vocab_size)
+        infos.append(ShardInfo(path=rel_path, num_tokens=header.num_tokens, size_bytes=path.stat().st_size))
+    return infos
+
+
+def split_eval_shards(shards: list[ShardInfo], eval_shards: int) -> tuple[list[ShardInfo], list[ShardInfo]]:
+    """Hold out the last eval_shards shards for evaluation; returns (train, eval)."""
+    if eval_shards < 0:
+        raise ValueError(f"eval_shards is {eval_shards}; expected 0 (no evaluation) or a positive number of shards")
+    if eval_shards >= len(shards):
+        raise ValueError(
+            f"eval_shards is {eval_shards} but only {len(shards)} shards were found, which leaves no training shard; "
+            f"lower eval_shards or add shards"
+        )
+    cut = len(shards) - eval_shards
+    return shards[:cut], shards[cut:]
+
+
+def verify_frozen_shards(data_dir: Path, shards: list[ShardInfo]) -> None:
+    """On resume: every shard the run was started with must still exist with the same size."""
+    missing = [s for s in shards if not (data_dir / s.path).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{data_dir / missing[0].path}: shard recorded in the checkpoint is missing ({len(missing)} of "
+            f"{len(shards)} frozen shards missing); resuming needs the exact shards the run started with, "
+            f"so restore them or start a new run"
+        )
+    for shard in shards:
+        size = (data_dir / shard.path).stat().st_size
+        if size != shard.size_bytes:
+            raise ShardError(
+                f"{data_dir / shard.path}: shard has {size} bytes but the checkpoint recorded {shard.size_bytes}; "
+                f"resuming needs the exact shards the run started with, so restore the original file or start a new run"
+            )
+
+
+def read_array_header(path: Path) -> ArrayHeader:
+    """Parse the zip directory and the .npy header of input_ids; reads a few hundred bytes, never the tokens."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = _find_member(path, archive)
+            if member.compress_type == zipfile.ZIP_STORED:
+                with open(path, "rb") as handle:
+                    member_start = _member_data_start(path, handle, member)
+                    handle.seek(member_start)
+                    dtype, shape, fortran_order = _read_npy_header(path, handle)
+                    data_offset = handle.tell()
+                header = ArrayHeader(dtype, shape, fortran_order, stored=True, data_offset=data_offset)
+                _check_stored_extent(path, header, member_end=member_start + member.compress_size)
+                return header
+            with archive.open(member) as stream:
+                dtype, shape, fortran_order = _read_npy_header(path, stream)
+            return ArrayHeader(dtype, shape, fortran_order, stored=False, data_offset=None)
+    except zipfile.BadZipFile as error:
+        raise ShardError(
+            f"{path}: not a valid .npz (zip) file ({error}); expected an archive written by numpy.savez or "
+            f"numpy.savez_compressed ({FORMAT_HINT}); re-create or re-download it"
+        ) from None
+
+
+def check_header(path: Path, header: ArrayHeader, seq_len: int) -> None:
+    """Reject dtypes, ranks and lengths that cannot be cut into samples of seq_len token ids."""
+    if header.dtype.kind not in "iu":
+        raise ShardError(
+            f"{path}: {ARRAY_NAME} has dtype {header.dtype}; shards must hold integer token ids "
+            f"such as uint16 or int32 ({FORMAT_HINT})"
+        )
+    if len(header.shape) not in (1, 2):
+        raise ShardError(
+            f"{path}: {ARRAY_NAME} has shape {header.shape} ({len(header.shape)}-D); expected a 1-D token stream "
+            f"or a 2-D [num_sequences, seq_len] array; reshape it before saving ({FORMAT_HINT})"
+        )
+    if header.num_tokens < seq_len:
+        raise ShardError(
+            f"{path}: {ARRAY_NAME} has {header.num_tokens} tokens (shape {header.shape}), fewer than seq_len "
+            f"{seq_len}, so it yields no sample; remove the shard, merge it into another, or lower seq_len"
+        )
+
+
+def check_token_ids(path: Path, header: ArrayHeader, vocab_size: int) -> None:
+    """Every id must satisfy 0 <= id < vocab_size; a chunked min/max scan keeps memory flat."""
+    info = np.iinfo(header.dtype)
+    if info.min >= 0 and info.max < vocab_size:
+        return
+    low, high = None, None
+    for chunk in _iter_token_chunks(path, header):
+        if chunk.size:
+            chunk_low, chunk_high = int(chunk.min()), int(chunk.max())
+            low = chunk_low if low is None else min(low, chunk_low)
+            high = chunk_high if high is None else max(high, chunk_high)
+    if low is not None and (low < 0 or high >= vocab_size):
+        raise ShardError(
+            f"{path}: token ids in {ARRAY_NAME} range from {low} to {high}; expected 0 <= id < vocab_size "
+            f"{vocab_size}; check that the tokenizer matches the model's vocab_size"
+        )
+
+
+class TokenStream:
+    """One shard's input_ids as a flat row-major stream; stored members are memory-mapped, others decompressed."""
+
+    def __init__(self, path: Path):
+        header = read_array_header(path)
+        self.path = path
+        self.num_tokens = header.num_tokens
+        self.array = _open_array(path, header)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) as a new int64 array, independent of the mapping."""
+        if self.array.ndim == 1:
+            return self.array[start : start + length].astype(np.int64)
+        width = self.array.shape[1]
+        first_row, end_row = start // width, (start + length - 1) // width + 1
+        rows = self.array[first_row:end_row].astype(np.int64).reshape(-1)
+        skip = start - first_row * width
+        return rows[skip : skip + length]
+
+
+def _open_array(path: Path, header: ArrayHeader) -> np.ndarray:
+    if header.stored:
+        # C-order data is mapped as 1-D (the row-major stream itself); Fortran-order 2-D data keeps its shape
+        # and TokenStream.read copies only the rows a sample spans.
+        if header.fortran_order and len(header.shape) == 2:
+            return np.memmap(path, header.dtype, mode="r", offset=header.data_offset, shape=header.shape, order="F")
+        return np.memmap(path, header.dtype, mode="r", offset=header.data_offset, shape=(header.num_tokens,))
+    with zipfile.ZipFile(path) as archive, archive.open(_find_member(path, archive)) as stream:
+        array = np.lib.format.read_array(stream, allow_pickle=False)
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def _find_member(path: Path, archive: zipfile.ZipFile) -> zipfile.ZipInfo:
+    names = archive.namelist()
+    for name in (f"{ARRAY_NAME}.npy", ARRAY_NAME):
+        if name in names:
+            return archive.getinfo(name)
+    arrays = sorted(n.removesuffix(".npy") for n in names)
+    raise ShardError(
+        f"{path}: no {ARRAY_NAME} array (it has {arrays}); expected the token ids saved as "
+        f"np.savez(path, {ARRAY_NAME}=ids) ({FORMAT_HINT})"
+    )
+
+
+def _member_data_start(path: Path, handle: BinaryIO, member: zipfile.ZipInfo) -> int:
+    """Offset of a member's bytes: after its 30-byte local header, file name and extra field."""
+    handle.seek(member.header_offset)
+    raw = handle.read(ZIP_LOCAL_HEADER.size)
+    if len(raw) != ZIP_LOCAL_HEADER.size or raw[:4] != ZIP_LOCAL_HEADER_SIGNATURE:
+        raise ShardError(
+            f"{path}: zip local header of {member.filename} is damaged; expected an archive written by numpy.savez; "
+            f"re-create or re-download it"
+        )
+    fields = ZIP_LOCAL_HEADER.unpack(raw)
+    name_length, extra_length = fields[-2], fields[-1]
+    return member.header_offset + ZIP_LOCAL_HEADER.size + name_length + extra_length
+
+
+def _read_npy_header(path: Path, handle: BinaryIO) -> tuple[np.dtype, tuple[int, ...], bool]:
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, EOFError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ShardError(
+            f"{path}: {ARRAY_NAME} is not a readable .npy array ({message}); expected an array written by "
+            f"numpy.savez ({FORMAT_HINT}); re-create or re-download it"
+        ) from None
+    return np.dtype(dtype), tuple(int(n) for n in shape), bool(fortran_order)
+
+
+def _check_stored_extent(path: Path, header: ArrayHeader, member_end: int) -> None:
+    """Data running past its zip member would otherwise surface as a crash or garbage tokens mid-run."""
+    if header.dtype.kind not in "iu":
+        return
+    needed_end = header.data_offset + header.num_tokens * header.dtype.itemsize
+    available_end = min(member_end, path.stat().st_size)
+    if needed_end > available_end:
+        raise ShardError(
+            f"{path}: {ARRAY_NAME} is truncated (its header needs {needed_end - header.data_offset} data bytes, "
+            f"the file holds {max(0, available_end - header.data_offset)}); re-download or re-create the shard"
+        )
+
+
+def _iter_token_chunks(path: Path, header: ArrayHeader):
+    """The token ids in storage order, SCAN_CHUNK_BYTES at a time (min/max do not care about row order)."""
+    itemsize = header.dtype.itemsize
+    chunk_items = max(1, SCAN_CHUNK_BYTES // itemsize)
+    remaining = header.num_tokens
+    if header.stored:
+        # Plain reads rather than a memmap: mapped pages would count toward RSS until unmapped.
+        with open(path, "rb") as handle:
+            handle.seek(header.data_offset)
+            while remaining:
+                count = min(chunk_items, remaining)
+                yield np.fromfile(handle, dtype=header.dtype, count=count)
+                remaining -= count
+        return
+    with zipfile.ZipFile(path) as archive, archive.open(_find_member(path, archive)) as stream:
+        _read_npy_header(path, stream)
+        while remaining:
+            count = min(chunk_items, remaining)
+            raw = stream.read(count * itemsize)
+            if len(raw) != count * itemsize:
+                raise ShardError(
+                    f"{path}: {ARRAY_NAME} is truncated (compressed data ended {remaining * itemsize - len(raw)} "
+                    f"bytes early); re-download or re-create the shard"
+                )
+            yield np.frombuffer(raw, dtype=header.dtype)
+            remaining -= count

@@ -1,0 +1,64 @@
+"""The accelerate launch command start_training.sh runs, for each kind of machine."""
+
+import pytest
+
+from pretrain.launch import build_command, parse_launch_args
+
+
+def command_for(argv, gpus=0, cores=2):
+    command, plan = build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=cores)
+    launch = command.index("launch")
+    script = command.index("train.py")
+    return command[:launch - 1], command[launch + 1:script], command[script + 1:], plan
+
+
+def test_cpu_single_process_uses_cpu_flag_and_all_cores():
+    env, flags, train_args, plan = command_for(["--config", "test", "--max-steps", "5"])
+    assert env == ["env", "OMP_NUM_THREADS=2"]
+    assert "--cpu" in flags and flags[flags.index("--mixed_precision") + 1] == "no"
+    assert train_args == ["--config", "test", "--max-steps", "5"]
+    assert "8 per device x 2 accumulation x 1 processes x 128 seq len = 2,048 tokens" in plan[1]
+
+
+def test_cpu_processes_use_multi_gpu_flag_so_gloo_really_runs_n_processes():
+    env, flags, _, _ = command_for(["--config", "test", "--cpu-processes", "2"])
+    assert "--multi_gpu" in flags and "--cpu" not in flags
+    assert flags[flags.index("--num_processes") + 1] == "2"
+    assert env[1] == "OMP_NUM_THREADS=1"
+
+
+def test_production_on_two_gpus_prints_the_batch_arithmetic():
+    _, flags, train_args, plan = command_for(["--config", "production", "--gpus", "2"], gpus=2)
+    assert flags[flags.index("--config_file") + 1].endswith("configs/accelerate/ddp_2gpu.yaml")
+    assert flags[flags.index("--num_processes") + 1] == "2"
+    assert flags[flags.index("--mixed_precision") + 1] == "bf16"
+    assert "4 per device x 4 accumulation x 2 processes x 1024 seq len = 32,768 tokens per optimizer step" in plan[1]
+    assert train_args[:2] == ["--config", "production"]
+
+
+def test_fsdp_and_multi_node_pick_their_files_and_pass_rendezvous_flags():
+    _, flags, _, plan = command_for(
+        ["--config", "production_8gpu", "--gpus", "8", "--strategy", "fsdp", "--nodes", "2", "--node-rank", "1",
+         "--main-address", "10.0.0.2", "--main-port", "29501"], gpus=8)
+    assert flags[flags.index("--config_file") + 1].endswith("multi_node_fsdp.yaml")
+    assert flags[flags.index("--num_processes") + 1] == "16"
+    assert flags[flags.index("--machine_rank") + 1] == "1"
+    assert flags[flags.index("--main_process_ip") + 1] == "10.0.0.2"
+    assert "8 per device x 4 accumulation x 16 processes x 1024 seq len = 524,288 tokens" in plan[1]
+
+
+@pytest.mark.parametrize(
+    "argv, gpus, fragment",
+    [
+        (["--config", "production", "--gpus", "2"], 0, "--gpus 2: no GPU is visible"),
+        (["--gpus", "4"], 2, "only 2 GPUs are visible"),
+        (["--gpus", "1", "--cpu-processes", "2"], 1, "--cpu-processes is for machines without a GPU"),
+        (["--nodes", "2", "--node-rank", "2"], 1, "--node-rank 2 must be in"),
+        (["--config", "nope"], 0, "is not a known config"),
+        (["--save-stpes", "3"], 0, "did you mean --save-steps"),
+    ],
+)
+def test_bad_launch_requests_fail_before_anything_starts(argv, gpus, fragment):
+    with pytest.raises(ValueError) as error:
+        build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=2)
+    assert fragment in str(error.value)
