@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = os.environ.get("RANK", "0")
     _record_for_launcher(f"rank{rank}.pid", str(os.getpid()))
-    preemption = PreemptionFlag()
+    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
+    preemption = PreemptionFlag(str(Path(launch_dir, "exit_code")) if launch_dir and rank == "0" else None)
     preemption.install()
     log = logging.getLogger("train")
     try:

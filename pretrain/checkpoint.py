@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pretrain.checksum import crc32c_of_file
@@ -108,14 +109,13 @@ def write_checkpoint(output_dir: Path, name: str, payload: CheckpointPayload) ->
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
-    save_file(payload.model_state, str(temp / MODEL_FILE), metadata={"format": "pt"})
-    torch.save(payload.optimizer_state, temp / OPTIMIZER_FILE)
-    torch.save(payload.rng_states, temp / RNG_FILE)
-    (temp / STATE_FILE).write_text(json.dumps(payload.trainer_state, indent=1))
-    for path in temp.iterdir():
-        _fsync_file(path)
-    write_manifest(temp, name)
-    _fsync_dir(temp)
+    try:
+        _write_files(temp, name, payload)
+    except BaseException as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, SafetensorError):  # its I/O failures (disk full, quota) are OS errors to the caller
+            raise OSError(str(error)) from error
+        raise
     if final.exists():
         # An incomplete folder of the same name (a crash mid-copy of a download, say): set it aside, never mix.
         stale = output_dir / f"{TEMP_PREFIX}stale-{name}-{os.getpid()}"
@@ -124,6 +124,17 @@ def write_checkpoint(output_dir: Path, name: str, payload: CheckpointPayload) ->
     os.replace(temp, final)
     _fsync_dir(output_dir)
     return final
+
+
+def _write_files(temp: Path, name: str, payload: CheckpointPayload) -> None:
+    save_file(payload.model_state, str(temp / MODEL_FILE), metadata={"format": "pt"})
+    torch.save(payload.optimizer_state, temp / OPTIMIZER_FILE)
+    torch.save(payload.rng_states, temp / RNG_FILE)
+    (temp / STATE_FILE).write_text(json.dumps(payload.trainer_state, indent=1))
+    for path in temp.iterdir():
+        _fsync_file(path)
+    write_manifest(temp, name)
+    _fsync_dir(temp)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

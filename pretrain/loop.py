@@ -22,11 +22,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from configs import TrainingConfig
 from pretrain import rng
-from pretrain.checkpoint import CheckpointPayload, checkpoint_name, clean_temp_folders, load_checkpoint, prune_local, write_checkpoint
-from pretrain.checkpoint_sync import BackgroundUploader, resolve_resume
+from pretrain.checkpoint import (
+    CheckpointPayload,
+    checkpoint_name,
+    clean_temp_folders,
+    load_checkpoint,
+    local_checkpoints,
+    prune_local,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from pretrain.checkpoint_sync import BackgroundUploader, remote_checkpoints, resolve_resume
 from pretrain.cli import config_to_dict
 from pretrain.data import TokenSamples, make_eval_batches, make_train_loader
 from pretrain.metrics import Metrics, ThroughputModel
@@ -183,6 +193,7 @@ class Trainer:
         if self.is_main:
             clean_temp_folders(self.output_dir)
         if not config.resume:
+            on_main(accelerator, self._refuse_existing_checkpoints)
             return None
         name = on_main(accelerator, lambda: resolve_resume(config.resume, self.output_dir, self.storage).name)
         folder = self.output_dir / name
@@ -192,6 +203,18 @@ class Trainer:
         accelerator.wait_for_everyone()
         self.log(f"resuming from {folder}")
         return load_checkpoint(folder)
+
+    def _refuse_existing_checkpoints(self) -> None:
+        """A fresh run must not mix its checkpoints with (or prune) those of an earlier run in the same place."""
+        existing = [p.name for p in local_checkpoints(self.output_dir) if verify_checkpoint(p, check_contents=False) is None]
+        where = str(self.output_dir)
+        if not existing and self.storage is not None:
+            existing, where = remote_checkpoints(self.storage), self.storage.url
+        if existing:
+            raise ValueError(
+                f"{where} already holds checkpoints (newest: {existing[0]}); pass --resume latest to continue that run, "
+                "or choose another --output-dir / --checkpoint-bucket for a new one"
+            )
 
     def _prepare_data(self, resumed: CheckpointPayload | None) -> None:
         config, accelerator = self.config, self.accelerator
@@ -236,7 +259,7 @@ class Trainer:
 
     def _restore(self, resumed: CheckpointPayload) -> None:
         state = resumed.trainer_state
-        self.optimizer.load_state_dict(resumed.optimizer_state)
+        load_full_optimizer_state(self.model, self.optimizer.optimizer, resumed.optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -417,7 +440,7 @@ class Trainer:
         accelerator = self.accelerator
         started = time.monotonic()
         model_state = accelerator.get_state_dict(self.model)  # gathers the full state under FSDP
-        optimizer_state = self.optimizer.state_dict()
+        optimizer_state = full_optimizer_state(self.model, self.optimizer.optimizer)  # a collective under FSDP
         rng_states = gather_object([rng.capture()])
         epoch = self.train_data.order.epoch_of(self.position.samples_consumed)
         name = checkpoint_name(epoch, self.position.step, len(self.train_shards))
@@ -428,7 +451,16 @@ class Trainer:
                 rng_states={f"rank{i}": state for i, state in enumerate(rng_states)},
                 trainer_state=self._trainer_state(),
             )
-            folder = write_checkpoint(self.output_dir, name, payload)
+            try:
+                folder = write_checkpoint(self.output_dir, name, payload)
+            except OSError as error:
+                clean_temp_folders(self.output_dir)
+                kept = next((p.name for p in local_checkpoints(self.output_dir)
+                             if verify_checkpoint(p, check_contents=False) is None), None)
+                raise OSError(
+                    f"could not write checkpoint {name} in {self.output_dir}: {error.strerror or error}; free disk space "
+                    f"or fix permissions, then --resume latest (the last complete checkpoint, {kept or 'none'}, is intact)"
+                ) from error
             self._report_uploads()
             protected = {folder.name}
             if self.uploader is not None:
@@ -504,7 +536,7 @@ class Trainer:
             if self.uploader.busy():
                 timeout = self.config.upload_timeout_seconds
                 if self.preemption.requested:
-                    timeout = min(timeout, self.config.preemption_grace_seconds)
+                    timeout = min(timeout, self.preemption.grace_left(self.config.preemption_grace_seconds))
                 if not self.uploader.wait(timeout):
                     log.error("checkpoint upload still running after %.0f s; the local checkpoint is complete "
                               "and will be used by --resume latest on this machine", timeout)
@@ -565,6 +597,23 @@ def _compile(model: torch.nn.Module) -> torch.nn.Module:
     except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
         log.warning("torch.compile failed (%s); training without it", error)
         return model
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state keyed by parameter name, so any strategy on any number of processes can load it.
+
+    `optimizer.state_dict()` holds only this rank's shard under FSDP, and numbers parameters instead of naming them.
+    Every rank must call this under FSDP. On GPUs the result lands in CPU memory, on rank 0 only when there are several
+    processes; on CPUs nothing is "offloaded", which FSDP1 would crash doing (segfault, torch 2.13 with gloo).
+    """
+    on_gpu = next(model.parameters()).device.type != "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=on_gpu)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Loads what full_optimizer_state saved; under FSDP each rank keeps its own shard (every rank must call it)."""
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

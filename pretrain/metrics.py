@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class Metrics:
 
         # purge_step hides what the run that died wrote after its last checkpoint, so curves continue cleanly.
         self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = _open_jsonl(run_dir / "metrics.jsonl")
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -136,6 +137,19 @@ class Metrics:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _open_jsonl(path: Path):
+    """Appends; a run killed mid-write leaves a partial last line, which is ended here so records stay one per line."""
+    ends_cleanly = True
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as existing:
+            existing.seek(-1, os.SEEK_END)
+            ends_cleanly = existing.read(1) == b"\n"
+    handle = open(path, "a", buffering=1)
+    if not ends_cleanly:
+        handle.write("\n")
+    return handle
 
 
 def _start_wandb(run_dir: Path, project: str, run_id: str, name: str, mode: str, config: dict[str, Any]):

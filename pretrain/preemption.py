@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
+import time
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. resume with --resume latest
+INTERRUPTED_EXIT_CODE = 130  # second Ctrl-C: the shell's convention for death by SIGINT
 
 
 class PreemptionFlag:
-    def __init__(self) -> None:
+    def __init__(self, exit_code_file: str | None = None) -> None:
+        self._exit_code_file = exit_code_file  # where the launcher reads our exit code (accelerate launch masks it)
         self._event = threading.Event()
         self.signal_name = ""
+        self.received_at = 0.0  # time.monotonic() of the first signal: the grace period counts from here
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
@@ -22,11 +25,22 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self._event.is_set() and signum == signal.SIGINT:
             # A second Ctrl-C means "now": exit without touching checkpoints (the last good one stays valid).
-            sys.stderr.write("second interrupt: exiting at once; the last complete checkpoint is kept\n")
-            os._exit(130)
+            os.write(2, b"second interrupt: exiting at once; the last complete checkpoint is kept\n")
+            if self._exit_code_file:
+                fd = os.open(self._exit_code_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.write(fd, str(INTERRUPTED_EXIT_CODE).encode())
+                os.close(fd)
+            os._exit(INTERRUPTED_EXIT_CODE)
         self.signal_name = signal.Signals(signum).name
+        self.received_at = time.monotonic()
         self._event.set()
+        # os.write, not print or logging: the handler may interrupt a write to the same stream.
+        os.write(2, f"{self.signal_name} received: finishing this step, then writing an emergency checkpoint "
+                    f"(Ctrl-C again to exit at once)\n".encode())
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
+
+    def grace_left(self, grace_seconds: float) -> float:
+        return max(0.0, grace_seconds - (time.monotonic() - self.received_at))

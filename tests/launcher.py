@@ -33,7 +33,10 @@ def logged(workdir: Path, key: str = "train/loss") -> dict[int, float]:
     """The last value logged for each step (a resumed run overwrites what the dead run logged after its checkpoint)."""
     values = {}
     for line in (workdir / "logs" / RUN_NAME / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the partial last record of a run that was killed mid-write
         if key in record:
             values[record["step"]] = record[key]
     return values

@@ -1,0 +1,156 @@
+"""The Storage interface every backend implements, with its options, object metadata and error type."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+# Refused connections fail at once; these bound a silent network (dropped SYNs, stalled reads) per attempt.
+CONNECT_TIMEOUT_SECONDS = 10.0
+READ_TIMEOUT_SECONDS = 120.0
+
+# Suffix of in-flight local files; listings and shard downloads skip names that end with it.
+PARTIAL_SUFFIX = ".partial"
+
+WRITE_PROBE_PREFIX = ".write-check-"
+
+T = TypeVar("T")
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message is one line, names the URL and never carries credentials."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    gcs_credentials: str | None = None
+    gcp_project: str | None = None
+    s3_endpoint_url: str | None = None
+    max_retries: int = 5
+    retry_backoff_seconds: float = 1.0
+    max_concurrency: int = 8
+    multipart_chunk_bytes: int = 64 * 1024 * 1024
+    # Objects per list request (every store caps it at 1000 or more); tests shrink it to cross page boundaries.
+    list_page_size: int = 1000
+
+
+def write_probe_options(options: StorageOptions) -> StorageOptions:
+    """Options for check_writable: a preflight answers in seconds, so it retries once, briefly."""
+    return replace(options, max_retries=min(options.max_retries, 1),
+                   retry_backoff_seconds=min(options.retry_backoff_seconds, 0.2))
+
+
+def validate_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"invalid object key {key!r}: use a relative '/'-separated path without '.', '..' or empty parts")
+    return key
+
+
+def bucket_and_prefix(url: str) -> tuple[str, str]:
+    """'s3://bucket/a/b/' -> ('bucket', 'a/b')."""
+    _, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"storage URL {url!r} names no bucket; expected scheme://bucket[/prefix]")
+    return bucket, prefix.strip("/")
+
+
+def join_key(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix else key
+
+
+@contextmanager
+def atomic_local_file(local_path: Path) -> Iterator[Path]:
+    """Yields a temp path beside local_path that replaces it on success, so readers never see half a file."""
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=local_path.parent, prefix=f".{local_path.name}.", suffix=PARTIAL_SUFFIX)
+    os.close(handle)
+    temp_path = Path(temp_name)
+    try:
+        yield temp_path
+        os.replace(temp_path, local_path)
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+def built_once(factory: Callable[[Any], T]) -> T:
+    """A lazily built, cached attribute (an SDK client) that concurrent first callers build only once."""
+    name = factory.__name__
+
+    @functools.wraps(factory)
+    def get(self: Any) -> T:
+        if name not in self.__dict__:
+            with self._build_lock:
+                if name not in self.__dict__:
+                    self.__dict__[name] = factory(self)
+        return self.__dict__[name]
+
+    return property(get)  # type: ignore[return-value]
+
+
+class Storage(ABC):
+    """A bucket (or local folder) under a root prefix; keys are relative to that prefix."""
+
+    url: str
+
+    def __init__(self, url: str, options: StorageOptions) -> None:
+        self.url = url
+        self.options = options
+        self._build_lock = threading.RLock()  # the GCS bucket handle is built from the client
+
+    @abstractmethod
+    def upload(self, local_path: Path, key: str) -> None: ...
+
+    @abstractmethod
+    def download(self, key: str, local_path: Path) -> None: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def object_url(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{key}"
+
+    def check_writable(self) -> None:
+        probe = type(self)(self.url, write_probe_options(self.options))
+        key = f"{WRITE_PROBE_PREFIX}{uuid.uuid4().hex}"
+        payload = f"write check {key}\n".encode()
+        with tempfile.TemporaryDirectory(prefix="storage-write-check-") as scratch:
+            sent, received = Path(scratch) / "sent", Path(scratch) / "received"
+            sent.write_bytes(payload)
+            try:
+                probe.upload(sent, key)
+                try:
+                    probe.download(key, received)
+                except StorageError:
+                    with suppress(StorageError):
+                        probe.delete(key)
+                    raise
+                probe.delete(key)
+            except StorageError as error:
+                raise StorageError(f"storage {self.url} is not writable: {error}") from None
+            if received.read_bytes() != payload:
+                raise StorageError(f"storage {self.url} is not writable: a test object read back different bytes")
+

@@ -1,0 +1,165 @@
+"""Google Cloud Storage through google-cloud-storage; large files move as parallel XML multipart parts / ranged reads."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import requests
+from google.api_core import exceptions as api_errors
+from google.api_core.retry import Retry
+from google.auth import exceptions as auth_errors
+from google.cloud import storage
+from google.cloud.storage import transfer_manager
+from google.cloud.storage.exceptions import InvalidResponse
+from google.cloud.storage.retry import DEFAULT_RETRY
+from google.oauth2 import service_account
+
+from pretrain.storage.base import (
+    CONNECT_TIMEOUT_SECONDS,
+    READ_TIMEOUT_SECONDS,
+    ObjectInfo,
+    Storage,
+    StorageOptions,
+    atomic_local_file,
+    bucket_and_prefix,
+    built_once,
+    join_key,
+    validate_key,
+)
+from pretrain.storage.errors import Failure, storage_errors
+
+_TIMEOUT = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
+_MAX_XML_PARTS = 10_000
+
+
+def classify_gcs_error(error: BaseException) -> tuple[Failure, str] | None:
+    if isinstance(error, auth_errors.DefaultCredentialsError):
+        return Failure.NO_CREDENTIALS, "set GOOGLE_APPLICATION_CREDENTIALS, pass --gcs-credentials, or run on GCP"
+    if isinstance(error, auth_errors.RefreshError):
+        return Failure.DENIED, f"could not obtain an access token: {error}"
+    if isinstance(error, api_errors.NotFound):
+        return (Failure.NO_BUCKET if "bucket" in str(error.message).lower() else Failure.NOT_FOUND), str(error.message)
+    if isinstance(error, (api_errors.Forbidden, api_errors.Unauthorized)):
+        return Failure.DENIED, f"{error.code} {error.message}"
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return Failure.UNREACHABLE, str(error)
+    if isinstance(error, InvalidResponse) and getattr(error, "response", None) is not None:
+        status = error.response.status_code
+        if status == 404:
+            return Failure.NOT_FOUND, f"HTTP {status}"
+        if status in (401, 403):
+            return Failure.DENIED, f"HTTP {status}"
+        return Failure.OTHER, f"HTTP {status} from {error.response.request.method} request"
+    if isinstance(error, api_errors.RetryError):
+        return None  # its cause, the last attempt's error, says more
+    if isinstance(error, api_errors.GoogleAPICallError):
+        return Failure.OTHER, f"{error.code} {error.message}"
+    return None
+
+
+def retry_policy(options: StorageOptions) -> Retry | None:
+    """api_core retries until a deadline rather than for a count, so max_retries becomes a deadline that fits
+    that many doubling, jittered backoffs plus the attempts themselves (64 s for the defaults)."""
+    if options.max_retries <= 0:
+        return None
+    initial = options.retry_backoff_seconds
+    return DEFAULT_RETRY.with_delay(initial=initial, maximum=initial * 2 ** (options.max_retries - 1), multiplier=2.0) \
+        .with_timeout(initial * 2 ** (options.max_retries + 1))
+
+
+def _base64_to_hex(value: str | None) -> str | None:
+    return base64.b64decode(value).hex() if value else None
+
+
+class GCSStorage(Storage):
+    def __init__(self, url: str, options: StorageOptions = StorageOptions()) -> None:
+        super().__init__(url, options)
+        self.bucket_name, self.prefix = bucket_and_prefix(url)
+        self._retry = retry_policy(options)
+
+    @built_once
+    def _client(self) -> storage.Client:
+        # With STORAGE_EMULATOR_HOST set and no credentials given, the SDK itself uses anonymous credentials
+        # and the project from the environment (Client.__init__), so emulators need no branch here.
+        kwargs = {}
+        if self.options.gcp_project:
+            kwargs["project"] = self.options.gcp_project
+        if self.options.gcs_credentials:
+            credentials = service_account.Credentials.from_service_account_file(
+                self.options.gcs_credentials, scopes=list(storage.Client.SCOPE))
+            kwargs["credentials"] = credentials
+            kwargs.setdefault("project", credentials.project_id)
+        return storage.Client(**kwargs)
+
+    @built_once
+    def _bucket(self) -> storage.Bucket:
+        return self._client.bucket(self.bucket_name)
+
+    def _name(self, key: str) -> str:
+        return join_key(self.prefix, validate_key(key))
+
+    def _part_bytes(self, size: int) -> int:
+        return max(self.options.multipart_chunk_bytes, -(-size // _MAX_XML_PARTS))
+
+    def upload(self, local_path: Path, key: str) -> None:
+        name = self._name(key)
+        with storage_errors("upload to", self.object_url(key), classify_gcs_error,
+                            not_found=f"bucket {self.bucket_name} does not exist"):
+            size = local_path.stat().st_size
+            blob = self._bucket.blob(name)
+            if size > self.options.multipart_chunk_bytes:
+                # XML multipart upload: parts go up concurrently and each part is CRC32C-checked by the server.
+                transfer_manager.upload_chunks_concurrently(
+                    str(local_path), blob, chunk_size=self._part_bytes(size), max_workers=self.options.max_concurrency,
+                    worker_type=transfer_manager.THREAD, retry=self._retry)
+            else:
+                blob.upload_from_filename(str(local_path), retry=self._retry, timeout=_TIMEOUT)
+
+    def download(self, key: str, local_path: Path) -> None:
+        name = self._name(key)
+        with storage_errors("download of", self.object_url(key), classify_gcs_error):
+            blob = self._bucket.get_blob(name, retry=self._retry, timeout=_TIMEOUT)
+            if blob is None:
+                raise api_errors.NotFound("object does not exist")
+            with atomic_local_file(local_path) as temp_path:
+                if blob.size > self.options.multipart_chunk_bytes:
+                    transfer_manager.download_chunks_concurrently(
+                        blob, str(temp_path), chunk_size=self.options.multipart_chunk_bytes,
+                        max_workers=self.options.max_concurrency, worker_type=transfer_manager.THREAD,
+                        download_kwargs={"retry": self._retry, "timeout": _TIMEOUT},
+                        crc32c_checksum=blob.crc32c is not None)
+                else:
+                    blob.download_to_filename(str(temp_path), retry=self._retry, timeout=_TIMEOUT)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        objects = []
+        with storage_errors("listing of", self.url, classify_gcs_error,
+                            not_found=f"bucket {self.bucket_name} does not exist"):
+            blobs = self._client.list_blobs(self.bucket_name, prefix=root + prefix,
+                                            page_size=self.options.list_page_size, retry=self._retry, timeout=_TIMEOUT)
+            for blob in blobs:
+                if blob.name.endswith("/"):
+                    continue  # a console-made "folder" placeholder, not a file
+                if blob.crc32c:
+                    checksum = f"crc32c:{_base64_to_hex(blob.crc32c)}"
+                elif blob.md5_hash:
+                    checksum = f"md5:{_base64_to_hex(blob.md5_hash)}"
+                else:
+                    checksum = None
+                objects.append(ObjectInfo(key=blob.name[len(root):], size=blob.size, checksum=checksum))
+        return sorted(objects, key=lambda info: info.key)
+
+    def exists(self, key: str) -> bool:
+        name = self._name(key)
+        with storage_errors("existence check of", self.object_url(key), classify_gcs_error):
+            return self._bucket.blob(name).exists(retry=self._retry, timeout=_TIMEOUT)
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        with storage_errors("delete of", self.object_url(key), classify_gcs_error):
+            try:
+                self._bucket.blob(name).delete(retry=self._retry, timeout=_TIMEOUT)
+            except api_errors.NotFound:
+                pass

@@ -1,0 +1,162 @@
+"""A loopback HTTP proxy in front of an emulator that records requests and answers chosen ones with a 503 or a
+TCP reset, so the SDKs' own retry policies are exercised against real servers."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import socketserver
+import struct
+import sys
+import threading
+from dataclasses import dataclass
+from http import server as http_server
+
+SERVICE_UNAVAILABLE = "503"
+CONNECTION_RESET = "reset"
+MAX_REQUESTS = 20_000  # a runaway retry loop ends here instead of running until the test times out
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "expect"}
+
+
+@dataclass
+class _Rule:
+    fault: str
+    method: str | None
+    pattern: re.Pattern[str]
+    remaining: int
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    method: str
+    target: str  # path and query as sent
+    fault: str | None
+    ranged: bool  # asked for a byte range (Range or x-ms-range header): one part of a parallel download
+
+
+class _Handler(http_server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_ProxyServer"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def _relay(self) -> None:
+        body = self._read_body()
+        ranged = "Range" in self.headers or "x-ms-range" in self.headers
+        fault = self.server.proxy.decide(self.command, self.path, ranged)
+        if fault == CONNECTION_RESET:
+            # SO_LINGER 0 turns close() into an RST: the client sees "connection reset by peer" mid-request.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
+        if fault == SERVICE_UNAVAILABLE:
+            self._send(503, [("Content-Type", "text/plain")], b"injected fault: service unavailable")
+            return
+        headers = {name: value for name, value in self.headers.items() if name.lower() not in _HOP_BY_HOP}
+        headers["Content-Length"] = str(len(body))
+        upstream = self.server.proxy.upstream_connection()
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            payload = response.read()
+            response_headers = [(n, v) for n, v in response.getheaders() if n.lower() not in _HOP_BY_HOP]
+            self._send(response.status, response_headers, payload, keep_length=self.command == "HEAD")
+        finally:
+            upstream.close()
+
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, keep_length: bool = False) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() != "content-length" or keep_length:
+                self.send_header(name, value)
+        if not keep_length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _relay
+
+
+class _ProxyServer(socketserver.ThreadingMixIn, http_server.HTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, proxy: "FaultProxy") -> None:
+        self.proxy = proxy
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        # Clients drop idle keep-alive connections at exit; only unexpected errors are worth a traceback.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+class FaultProxy:
+    """Forwards http://127.0.0.1:<port> to an upstream loopback port; inject() arms faults, requests lists traffic."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.requests: list[SeenRequest] = []
+        self._rules: list[_Rule] = []
+        self._lock = threading.Lock()
+        self._server = _ProxyServer(self)
+        self.port = self._server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    def inject(self, fault: str, *, method: str | None = None, path_regex: str = "", times: int = 1) -> None:
+        """The next `times` requests with this method whose path+query matches path_regex get the fault."""
+        if fault not in (SERVICE_UNAVAILABLE, CONNECTION_RESET):
+            raise ValueError(f"unknown fault {fault!r}")
+        with self._lock:
+            self._rules.append(_Rule(fault, method, re.compile(path_regex), times))
+
+    def decide(self, method: str, target: str, ranged: bool = False) -> str | None:
+        with self._lock:
+            if len(self.requests) >= MAX_REQUESTS:
+                return CONNECTION_RESET
+            fault = None
+            for rule in self._rules:
+                if rule.remaining > 0 and rule.method in (None, method) and rule.pattern.search(target):
+                    rule.remaining -= 1
+                    fault = rule.fault
+                    break
+            self.requests.append(SeenRequest(method, target, fault, ranged))
+            return fault
+
+    def upstream_connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+
+    def count(self, *, method: str | None = None, path_regex: str = "", faulted: bool | None = None,
+              ranged: bool | None = None) -> int:
+        pattern = re.compile(path_regex)
+        with self._lock:
+            return sum(1 for seen in self.requests
+                       if method in (None, seen.method) and pattern.search(seen.target)
+                       and (faulted is None or (seen.fault is not None) == faulted)
+                       and (ranged is None or seen.ranged == ranged))
+
+    def pending_faults(self) -> int:
+        with self._lock:
+            return sum(rule.remaining for rule in self._rules)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,160 @@
+"""Preemption and crashes: SIGTERM writes an emergency checkpoint and exits 75; a second Ctrl-C exits at once;
+SIGKILL at random moments never costs more than the steps since the last complete checkpoint, and the
+resumed run ends bit-identical to one that was never interrupted."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import verify_checkpoint
+from pretrain.preemption import PREEMPTED_EXIT_CODE
+from tests.launcher import REPO, RUN_NAME, check, checkpoints, final_weights, launch, logged
+
+pytestmark = pytest.mark.slow
+COMMON = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2", "--lr-decay-steps", "40"]
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, "-m", "pretrain.sample_data", "--out", str(data_dir)], cwd=REPO, check=True,
+                   capture_output=True)
+    return data_dir
+
+
+class Watched:
+    """A running process whose stderr is collected by a thread, so a test can wait for a line without sleeping."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, fragment: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(fragment in line for line in self.lines):
+                left = deadline - time.monotonic()
+                assert left > 0 and self.process.poll() is None, f"never saw {fragment!r}:\n{''.join(self.lines)[-3000:]}"
+                self._changed.wait(timeout=min(left, 1.0))
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def wait_for_step(workdir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Polls the metrics file the run writes (bounded; the run logs every step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        path = workdir / "logs" / RUN_NAME / "metrics.jsonl"
+        if path.exists() and logged(workdir) and max(logged(workdir)) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+def launcher_command(workdir: Path, data_dir: Path, *args: str) -> list[str]:
+    return [
+        str(REPO / "start_training.sh"), "--config", "test", "--data-dir", str(data_dir),
+        "--output-dir", str(workdir / "checkpoints"), "--logging-dir", str(workdir / "logs"), "--run-name", RUN_NAME, *args,
+    ]
+
+
+def test_sigterm_writes_an_emergency_checkpoint_exits_75_and_resumes_exactly(tmp_path, sample_data):
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    run = Watched(launcher_command(interrupted, sample_data, "--max-steps", "40", "--save-steps", "1000", *COMMON))
+    wait_for_step(interrupted, 3, run.process)
+    run.process.send_signal(signal.SIGTERM)  # to start_training.sh, which forwards it to the training process
+    assert run.process.wait(timeout=120) == PREEMPTED_EXIT_CODE, run.text()[-3000:]
+    assert "forwarding SIGTERM" in run.text() and "SIGTERM received" in run.text()
+
+    saved = checkpoints(interrupted)
+    assert len(saved) == 1, saved  # the emergency one: no scheduled save came due
+    assert verify_checkpoint(interrupted / "checkpoints" / saved[0]) is None
+    stopped_at = int(saved[0].split("-step")[1].split("-")[0])
+    assert stopped_at >= 3
+
+    end = stopped_at + 2
+    check(launch(interrupted, sample_data, "--resume", "latest", "--max-steps", str(end), "--save-steps", "1000", *COMMON))
+    check(launch(straight, sample_data, "--max-steps", str(end), "--save-steps", "1000", *COMMON))
+    assert logged(interrupted) == logged(straight)
+    a, b = final_weights(interrupted), final_weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, sample_data):
+    workdir = tmp_path / "run"
+    check(launch(workdir, sample_data, "--max-steps", "2", "--save-steps", "2", *COMMON))
+    good = checkpoints(workdir)
+    run = Watched(launcher_command(workdir, sample_data, "--resume", "latest", "--max-steps", "40", "--save-steps", "1000", *COMMON))
+    wait_for_step(workdir, 3, run.process)
+    run.process.send_signal(signal.SIGINT)
+    run.wait_for("SIGINT received")
+    run.process.send_signal(signal.SIGINT)
+    assert run.process.wait(timeout=60) == 130, run.text()[-3000:]
+    for name in checkpoints(workdir):
+        assert verify_checkpoint(workdir / "checkpoints" / name) is None, name
+    assert good[0] in checkpoints(workdir)
+
+
+def test_sigkill_at_random_moments_never_loses_or_changes_the_result(tmp_path, sample_data):
+    """SIGKILL lands mid-step, mid-save and mid-upload (seeded delays); each time --resume latest continues."""
+    kills_wanted = int(os.environ.get("PRETRAIN_KILL_POINTS", "10"))
+    chooser = random.Random(20261122)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def train_py(workdir: Path, resume: bool) -> list[str]:
+        return [
+            sys.executable, "train.py", "--config", "test", "--data-dir", str(sample_data),
+            "--output-dir", str(workdir / "checkpoints"), "--logging-dir", str(workdir / "logs"), "--run-name", RUN_NAME,
+            "--max-steps", "16", "--save-steps", "2", "--checkpoint-bucket", f"file://{workdir / 'bucket'}", *COMMON,
+            *(["--resume", "latest"] if resume else []),
+        ]
+
+    check(subprocess.run(train_py(straight, False), cwd=REPO, capture_output=True, text=True, timeout=300))
+
+    kills, started_once, outcomes = 0, False, []
+    while True:
+        process = subprocess.Popen(train_py(killed, started_once), cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        started_once = True
+        if kills < kills_wanted:
+            # Start-up takes a few seconds; the delays spread the kill over start-up, steps, saves and uploads.
+            delay = chooser.uniform(2.0, 9.0)
+            try:
+                process.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                kills += 1
+                outcomes.append(f"killed after {delay:.1f} s")
+                continue
+        stderr = process.communicate(timeout=300)[1]
+        if process.returncode == 0 and kills >= kills_wanted:
+            break
+        assert process.returncode == 0 or "no complete checkpoint" in stderr, stderr[-3000:]
+        if "no complete checkpoint" in stderr:
+            started_once = False  # killed before its first checkpoint: start afresh, as a user would
+        outcomes.append(f"exit {process.returncode}")
+    assert kills >= kills_wanted, outcomes
+    assert logged(killed) == logged(straight), outcomes
+    a, b = final_weights(killed), final_weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a), outcomes
