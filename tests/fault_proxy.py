@@ -127,6 +127,11 @@ class FaultProxy:
         with self._lock:
             self._rules.append(_Rule(fault, method, re.compile(path_regex), times))
 
+    def clear(self) -> None:
+        """Disarms every fault not yet used: the store is healthy again."""
+        with self._lock:
+            self._rules.clear()
+
     def decide(self, method: str, target: str, ranged: bool = False) -> str | None:
         with self._lock:
             if len(self.requests) >= MAX_REQUESTS:
