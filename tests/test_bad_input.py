@@ -1,0 +1,188 @@
+"""Bad input: one clear line naming the file or flag, exit code 2, no traceback, and the last good checkpoint intact.
+
+Each case here is a row of the README's "When something is wrong" table.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain.checkpoint import verify_checkpoint
+from tests import emulators
+from tests.launcher import REPO, checkpoints
+
+GOOD = "checkpoint-epoch0-step2-files1"
+FAKE_SECRET = "FAKESECRETdoNotPrint0123456789"
+
+
+def train(workdir: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None, file_limit_bytes: int = 0):
+    command = [sys.executable, "train.py", "--config", "test", "--data-dir", str(data_dir), "--eval-shards", "1",
+               "--output-dir", str(workdir / "checkpoints"), "--logging-dir", str(workdir / "logs"),
+               "--run-name", "run", "--warmup-steps", "1", "--logging-steps", "1", "--eval-steps", "0", *args]
+
+    def limit_file_size() -> None:  # a "disk" that fills up: writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit_bytes, file_limit_bytes))
+
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, preexec_fn=limit_file_size if file_limit_bytes else None)
+
+
+def refused(result: subprocess.CompletedProcess, fragment: str) -> str:
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert any(fragment in line for line in errors), "\n".join(errors) or result.stderr[-2000:]
+    return result.stderr
+
+
+def write_shard(path: Path, ids: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, input_ids=ids)
+
+
+@pytest.fixture(scope="module")
+def good_data(tmp_path_factory) -> Path:
+    data_dir = tmp_path_factory.mktemp("good-data")
+    ids = np.random.default_rng(0).integers(0, 512, size=(2, 40 * 128), dtype=np.int64)
+    write_shard(data_dir / "a.npz", ids[0])
+    write_shard(data_dir / "b.npz", ids[1])
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, good_data) -> Path:
+    """A run that stopped at step 2 with one complete checkpoint: what every case below must leave untouched."""
+    workdir = tmp_path_factory.mktemp("good-run")
+    result = train(workdir, good_data, "--max-steps", "2", "--save-steps", "2", "--lr-decay-steps", "20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoints(workdir) == [GOOD]
+    return workdir
+
+
+@pytest.fixture
+def workdir(tmp_path, good_run) -> Path:
+    shutil.copytree(good_run / "checkpoints", tmp_path / "checkpoints")
+    return tmp_path
+
+
+def still_good(workdir: Path) -> None:
+    assert GOOD in checkpoints(workdir)
+    assert verify_checkpoint(workdir / "checkpoints" / GOOD) is None
+
+
+BAD_SHARDS = {
+    "not-a-zip": (lambda p: p.write_bytes(b"this is not a zip file"), "not a valid .npz"),
+    "empty-npz": (lambda p: zipfile.ZipFile(p, "w").close(), "no input_ids"),
+    "no-input-ids": (lambda p: np.savez(p, tokens=np.arange(4096)), "no input_ids"),
+    "float-ids": (lambda p: np.savez(p, input_ids=np.ones(4096, dtype=np.float32)), "dtype float32"),
+    "ids-past-vocab": (lambda p: np.savez(p, input_ids=np.full(4096, 9999, dtype=np.int32)), "9999"),
+    "too-short": (lambda p: np.savez(p, input_ids=np.arange(10, dtype=np.int32)), "no sample"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHARDS))
+def test_a_bad_shard_stops_the_run_before_training_naming_the_file(case, tmp_path, good_data):
+    data_dir = tmp_path / "data"
+    shutil.copytree(good_data, data_dir)
+    make, fragment = BAD_SHARDS[case]
+    (data_dir / "nested").mkdir()
+    make(data_dir / "nested" / "bad.npz")
+    stderr = refused(train(tmp_path, data_dir, "--max-steps", "2"), fragment)
+    assert "nested/bad.npz" in stderr
+    assert checkpoints(tmp_path) == []  # stopped before step 1
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--config", "nope"], "--config 'nope' is not a known config; choose one of: test, production"),
+        (["--sav-steps", "3"], "unknown flag --sav-steps: did you mean --save-steps"),
+        (["--save-steps", "three"], "argument --save-steps: invalid int value: 'three'"),
+        (["--resume", "../checkpoint-epoch0-step2-files1"], "is not a checkpoint name"),
+        (["--resume", "checkpoints/x/.."], "is not a checkpoint name"),
+        (["--resume", "checkpoint-epoch0-step999-files1"], "no such checkpoint in"),
+    ],
+)
+def test_bad_flags_and_resume_names_are_refused(args, fragment, workdir, good_data):
+    refused(train(workdir, good_data, *args), fragment)
+    still_good(workdir)
+
+
+def test_a_fresh_run_will_not_write_over_an_earlier_runs_checkpoints(workdir, good_data):
+    refused(train(workdir, good_data, "--max-steps", "4"), "already holds checkpoints")
+    still_good(workdir)
+
+
+def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(workdir, good_data):
+    stderr = refused(
+        train(workdir, good_data, "--resume", "latest", "--max-steps", "4", "--save-steps", "2", "--lr-decay-steps", "20",
+              file_limit_bytes=1_000_000),  # the logs fit, the 3.7 MB weights of the next checkpoint do not
+        "could not write checkpoint checkpoint-epoch1-step4-files1",
+    )
+    assert f"the last complete checkpoint, {GOOD}, is intact" in stderr
+    still_good(workdir)
+    assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.fixture
+def s3_endpoint(request) -> str:
+    return request.getfixturevalue("s3_emulator").endpoint
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {**emulators.s3_env(endpoint), "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+
+
+def test_an_unreachable_bucket_fails_in_seconds_before_step_one(workdir, good_data):
+    endpoint = f"http://127.0.0.1:{emulators.closed_port()}"
+    stderr = refused(train(workdir, good_data, "--resume", "latest", "--max-steps", "4",
+                           "--checkpoint-bucket", "s3://unreachable/runs", env=s3_env(endpoint)), "s3://unreachable/runs")
+    assert FAKE_SECRET not in stderr
+    still_good(workdir)
+
+
+def test_a_nonexistent_bucket_is_named(workdir, good_data, s3_endpoint):
+    stderr = refused(train(workdir, good_data, "--resume", "latest", "--max-steps", "4",
+                           "--checkpoint-bucket", "s3://no-such-bucket-here/runs", env=s3_env(s3_endpoint)),
+                     "s3://no-such-bucket-here/runs")
+    assert FAKE_SECRET not in stderr
+    still_good(workdir)
+
+
+def test_wrong_credentials_are_refused_without_printing_them(workdir, good_data, new_bucket):
+    bucket = new_bucket("azure")
+    good_string = bucket.env["AZURE_STORAGE_CONNECTION_STRING"]
+    key = good_string.split("AccountKey=")[1].split(";")[0]
+    wrong = good_string.replace(key, FAKE_SECRET + "==")
+    env = {**bucket.subprocess_env(), "AZURE_STORAGE_CONNECTION_STRING": wrong}
+    stderr = refused(train(workdir, good_data, "--resume", "latest", "--max-steps", "4", "--checkpoint-bucket",
+                           bucket.url, env=env), bucket.url)
+    assert FAKE_SECRET not in stderr and key not in stderr
+    still_good(workdir)
+
+
+def test_secrets_never_reach_logs_or_checkpoints(tmp_path, good_data, new_bucket):
+    bucket = new_bucket("s3")
+    env = {**bucket.subprocess_env(), "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+    result = subprocess.run(
+        [str(REPO / "start_training.sh"), "--config", "test", "--data-dir", str(good_data),
+         "--output-dir", str(tmp_path / "checkpoints"), "--logging-dir", str(tmp_path / "logs"), "--max-steps", "2",
+         "--save-steps", "1", "--warmup-steps", "1", "--checkpoint-bucket", bucket.url, "--sync-logs-every-minutes",
+         "0.0001"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "uploaded checkpoint-epoch0-step2" in result.stderr
+    assert FAKE_SECRET not in result.stdout + result.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "trainer_state.json" for p in written)
+    for path in written:
+        assert FAKE_SECRET.encode() not in path.read_bytes(), path
