@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,9 +33,7 @@ from pretrain.checkpoint import (
     clean_temp_folders,
     load_checkpoint,
     local_checkpoints,
-    prune_local,
     verify_checkpoint,
-    write_checkpoint,
 )
 from pretrain.checkpoint_sync import BackgroundUploader, remote_checkpoints, resolve_resume
 from pretrain.cli import config_to_dict
@@ -43,6 +42,7 @@ from pretrain.metrics import Metrics, ThroughputModel
 from pretrain.model import build_model, count_parameters, describe, flops_per_token, peak_flops_per_device
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preemption import PreemptionFlag
+from pretrain.saver import BackgroundSaver, snapshot
 from pretrain.shards import ShardInfo, discover_shards, inspect_shards, split_eval_shards, verify_frozen_shards
 from pretrain.storage import Storage, StorageOptions, open_storage
 
@@ -134,6 +134,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.storage: Storage | None = None
         self.uploader: BackgroundUploader | None = None
+        self.saver: BackgroundSaver | None = None
         self.position = Position()
         self.consecutive_nonfinite = 0
         self.nonfinite_total = 0
@@ -161,6 +162,7 @@ class Trainer:
         set_seed(config.seed)
         self._open_checkpoint_bucket()
         resumed = self._load_resume_payload()
+        self._start_saver()
         self._prepare_data(resumed)
         self.model = build_model(config.model)
         if resumed is not None:
@@ -187,6 +189,10 @@ class Trainer:
                 self.storage, self.config.remote_save_total_limit, self.config.storage_retry_backoff_seconds
             )
             self.log(f"checkpoints go to {self.output_dir} and {self.storage.url}")
+
+    def _start_saver(self) -> None:
+        if self.is_main:
+            self.saver = BackgroundSaver(self.output_dir, self.config.save_total_limit, self.uploader)
 
     def _load_resume_payload(self) -> CheckpointPayload | None:
         config, accelerator = self.config, self.accelerator
@@ -327,14 +333,26 @@ class Trainer:
             self.position.samples_consumed += self.global_batch_samples
             self._log_step(loss_sum)
             self._maybe_evaluate()
-            preempted, time_due = self._agree_on_flags()
+            preempted, time_due, save_failed = self._agree_on_flags()
+            if save_failed:
+                on_main(accelerator, self.saver.raise_if_failed)
             if preempted:
                 self._save("emergency")
+                self._finish_writes()
                 raise Preempted(self.preemption.signal_name or "preemption")
             self._maybe_save(time_due)
         if self.last_saved_step != self.position.step:
             self._save("final")
+        self._finish_writes()
         self._export()
+
+    def _finish_writes(self) -> None:
+        """Waits until every handed-over checkpoint is on disk; a failed write stops the run here on every rank."""
+        def wait_and_check() -> None:
+            self.saver.wait_written()
+            self.saver.raise_if_failed()
+
+        on_main(self.accelerator, wait_and_check)
 
     def _optimizer_step(self, batches) -> torch.Tensor:
         config, accelerator, model = self.config, self.accelerator, self.model
@@ -353,7 +371,10 @@ class Trainer:
             skipped = accelerator.optimizer_step_was_skipped  # fp16 scaler overflow
         else:
             skipped = True
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step count even when an update is skipped; torch warns about exactly that.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._count_nonfinite(skipped)
         self._last_grad_norm = grad_norm
@@ -392,16 +413,22 @@ class Trainer:
         """The rate used by optimizer step `step` (1-based), which is what was applied, not the next one."""
         return self.config.learning_rate * self.scheduler.lr_lambdas[0](step - 1)
 
-    def _agree_on_flags(self) -> tuple[bool, bool]:
-        """All processes must act together: a collective per step (a few bytes) when there is more than one."""
+    def _agree_on_flags(self) -> tuple[bool, bool, bool]:
+        """(preempted, time-based save due, a background write failed), agreed by all processes.
+
+        A collective of a few bytes per step when there is more than one process, and one host sync.
+        """
         time_due = (
             self.config.save_every_minutes > 0
             and time.monotonic() - self.last_save_time >= 60 * self.config.save_every_minutes
         )
-        flags = torch.tensor([int(self.preemption.requested), int(time_due)], device=self.accelerator.device)
+        save_failed = self.saver is not None and self.saver.has_failed()
+        flags = torch.tensor([int(self.preemption.requested), int(time_due), int(save_failed)],
+                             device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
-        return bool(flags[0].item()), bool(flags[1].item())
+        preempted, due, failed = (bool(value) for value in flags.tolist())
+        return preempted, due, failed
 
     # Evaluation, checkpoints, export ----------------------------------------------------------------
 
@@ -444,34 +471,21 @@ class Trainer:
         rng_states = gather_object([rng.capture()])
         epoch = self.train_data.order.epoch_of(self.position.samples_consumed)
         name = checkpoint_name(epoch, self.position.step, len(self.train_shards))
-        def write() -> None:
+        def hand_over() -> None:
+            # The only part the training thread waits for: a host-memory copy of the state.
             payload = CheckpointPayload(
-                model_state=_clean_state_dict(model_state),
-                optimizer_state=optimizer_state,
+                model_state=snapshot(_clean_state_dict(model_state)),
+                optimizer_state=snapshot(optimizer_state),
                 rng_states={f"rank{i}": state for i, state in enumerate(rng_states)},
                 trainer_state=self._trainer_state(),
             )
-            try:
-                folder = write_checkpoint(self.output_dir, name, payload)
-            except OSError as error:
-                clean_temp_folders(self.output_dir)
-                kept = next((p.name for p in local_checkpoints(self.output_dir)
-                             if verify_checkpoint(p, check_contents=False) is None), None)
-                raise OSError(
-                    f"could not write checkpoint {name} in {self.output_dir}: {error.strerror or error}; free disk space "
-                    f"or fix permissions, then --resume latest (the last complete checkpoint, {kept or 'none'}, is intact)"
-                ) from error
             self._report_uploads()
-            protected = {folder.name}
-            if self.uploader is not None:
-                self.uploader.submit(folder)
-                protected |= self.uploader.protected()
-            prune_local(self.output_dir, self.config.save_total_limit, protected)
-            self.metrics.console(f"saved {folder} ({reason}, {time.monotonic() - started:.1f} s)")
+            self.saver.save(name, payload, reason)
+            self.metrics.console(f"checkpoint {name} handed to the writer ({reason}, {time.monotonic() - started:.2f} s)")
             self.metrics.flush()
             self._maybe_sync_logs()
 
-        on_main(accelerator, write)
+        on_main(accelerator, hand_over)
         self.last_saved_step = self.position.step
         self.last_save_time = time.monotonic()
         self.metrics.start_window(self.position.step)
@@ -525,13 +539,17 @@ class Trainer:
             shutil.rmtree(temp, ignore_errors=True)
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             with _quiet_transformers():
-                unwrapped.save_pretrained(temp, state_dict=_clean_state_dict(state))
+                unwrapped.save_pretrained(temp, state_dict=snapshot(_clean_state_dict(state)))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temp, final)
             self.metrics.console(f"exported the final model to {final}")
         self.accelerator.wait_for_everyone()
 
     def _tear_down(self) -> None:
+        if self.saver is not None:
+            # Also after an error: a snapshot already handed over is a good checkpoint and is finished.
+            self.saver.wait_written(self.config.upload_timeout_seconds)
+            self.saver.close()
         if self.uploader is not None:
             if self.uploader.busy():
                 timeout = self.config.upload_timeout_seconds
@@ -617,13 +635,13 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP), contiguous CPU tensors."""
+    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP); tensors as they are."""
     cleaned = {}
     for key, tensor in state.items():
         for prefix in ("_orig_mod.", "module."):
             while key.startswith(prefix):
                 key = key[len(prefix):]
-        cleaned[key.replace("._orig_mod.", ".")] = tensor.detach().to("cpu").contiguous()
+        cleaned[key.replace("._orig_mod.", ".")] = tensor.detach()
     return cleaned
 
 
