@@ -36,6 +36,7 @@ WINDOW = 10
 
 def ours(config, workdir: Path) -> float:
     run = with_changes(config, output_dir=str(workdir / "ck"), logging_dir=str(workdir / "logs"), run_name="bench",
+                       checkpoint_bucket="",
                        logging_steps=WINDOW, save_steps=10**9, eval_steps=0, export_final_model=False, eval_shards=1)
     Trainer(validate(run), PreemptionFlag()).run()
     records = [json.loads(line) for line in (workdir / "logs" / "bench" / "metrics.jsonl").read_text().splitlines()]

@@ -133,6 +133,7 @@ CONFIGS: dict[str, TrainingConfig] = {
         mixed_precision="no",
         compile_model=False,
         generate_sample_data=True,
+        checkpoint_bucket="bucket",  # a local folder standing in for the cloud bucket, so the default run uploads too
         sync_logs_every_minutes=0.0,
     ),
     "production": TrainingConfig(),

@@ -101,7 +101,7 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
         device = f"{gpus} GPU{'s' if gpus > 1 else ''}" + (f" x {request.nodes} nodes" if request.nodes > 1 else "")
     else:
         if request.strategy == "fsdp":
-            raise ValueError("--strategy fsdp needs GPUs: this torch build's FSDP does not train on CPU processes (see README)")
+            raise ValueError("--strategy fsdp needs GPUs: Accelerate does not set up FSDP on CPU processes (see README)")
         if request.nodes > 1:
             raise ValueError("--nodes > 1 needs GPUs; multi-node CPU training is not supported")
         processes_per_node = max(1, request.cpu_processes)

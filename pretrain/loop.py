@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -69,7 +70,8 @@ class Position:
 def effective_mixed_precision(config: TrainingConfig, cuda: bool) -> str:
     if not cuda:
         return config.mixed_precision if config.cpu_mixed_precision else "no"
-    if config.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+    # including_emulation=False: pre-Ampere GPUs "support" bf16 only by slow emulation.
+    if config.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         log.warning("this GPU has no bf16; training in fp16 with a loss scaler")
         return "fp16"
     return config.mixed_precision
@@ -167,6 +169,7 @@ class Trainer:
         self.model = build_model(config.model)
         if resumed is not None:
             _load_model_state(self.model, resumed.model_state)
+        self.model_size = count_parameters(self.model)  # before prepare(): FSDP leaves each rank only its shard
         self.log("\n".join(plan_lines(config, accelerator.num_processes, self.model)))
         self.optimizer = build_optimizer(self.model, config)
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
@@ -270,6 +273,11 @@ class Trainer:
         if state.get("scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.position = Position(state["step"], state["samples_consumed"])
+        if state.get("global_batch_samples", self.global_batch_samples) != self.global_batch_samples:
+            log.warning(
+                "the global batch changes from %d to %d samples per step on resume (the sample order stays the same); "
+                "adjust --gradient-accumulation-steps to keep it", state["global_batch_samples"], self.global_batch_samples,
+            )
         self.last_saved_step = state["step"]
         self.elapsed_before = state.get("elapsed_seconds", 0.0)
         self.best_eval_loss = state.get("best_eval_loss") or math.inf
@@ -288,7 +296,7 @@ class Trainer:
             self.wandb_run_id = uuid.uuid4().hex[:12] if config.wandb else None
             self.history = []
         self.run_dir = Path(config.logging_dir) / self.run_name
-        size = count_parameters(accelerator.unwrap_model(self.model))
+        size = self.model_size
         tokens_per_step = self.global_batch_samples * config.seq_len
         peak = peak_flops_per_device(accelerator.device, config.peak_tflops_per_device)
         throughput = ThroughputModel(
@@ -373,7 +381,7 @@ class Trainer:
             skipped = True
         with warnings.catch_warnings():
             # The schedule follows the step count even when an update is skipped; torch warns about exactly that.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._count_nonfinite(skipped)

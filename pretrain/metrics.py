@@ -59,8 +59,9 @@ class Metrics:
         run_dir.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides what the run that died wrote after its last checkpoint, so curves continue cleanly.
-        self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)
+        # purge_step hides what a run that died wrote after the step this one starts from (its last checkpoint,
+        # or 0 for a restart from scratch), so the curves continue cleanly.
+        self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1)
         self._jsonl = _open_jsonl(run_dir / "metrics.jsonl")
         if sys.stderr.isatty():
             from tqdm import tqdm

@@ -16,12 +16,17 @@ RUN_NAME = "run"
 
 def launch(workdir: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`./start_training.sh --config test` with its outputs under `workdir` and a fixed run name."""
-    command = [
-        str(REPO / "start_training.sh"), "--config", "test", "--data-dir", str(data_dir),
-        "--output-dir", str(workdir / "checkpoints"), "--logging-dir", str(workdir / "logs"), "--run-name", RUN_NAME,
-        *args,
-    ]
+    command = [str(REPO / "start_training.sh"), *isolated_args(workdir, data_dir, *args), *args]
     return subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def isolated_args(workdir: Path, data_dir: Path, *args: str) -> list[str]:
+    """The test config with every output (checkpoints, logs, the local-folder bucket) under `workdir`."""
+    bucket = [] if "--checkpoint-bucket" in args else ["--checkpoint-bucket", str(workdir / "bucket")]
+    return [
+        "--config", "test", "--data-dir", str(data_dir), "--output-dir", str(workdir / "checkpoints"),
+        "--logging-dir", str(workdir / "logs"), "--run-name", RUN_NAME, *bucket,
+    ]
 
 
 def check(result: subprocess.CompletedProcess, expected_code: int = 0) -> subprocess.CompletedProcess:

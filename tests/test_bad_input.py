@@ -18,16 +18,15 @@ import pytest
 
 from pretrain.checkpoint import verify_checkpoint
 from tests import emulators
-from tests.launcher import REPO, checkpoints
+from tests.launcher import REPO, checkpoints, isolated_args
 
 GOOD = "checkpoint-epoch0-step2-files1"
 FAKE_SECRET = "FAKESECRETdoNotPrint0123456789"
 
 
 def train(workdir: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None, file_limit_bytes: int = 0):
-    command = [sys.executable, "train.py", "--config", "test", "--data-dir", str(data_dir), "--eval-shards", "1",
-               "--output-dir", str(workdir / "checkpoints"), "--logging-dir", str(workdir / "logs"),
-               "--run-name", "run", "--warmup-steps", "1", "--logging-steps", "1", "--eval-steps", "0", *args]
+    command = [sys.executable, "train.py", *isolated_args(workdir, data_dir, *args), "--eval-shards", "1",
+               "--warmup-steps", "1", "--logging-steps", "1", "--eval-steps", "0", *args]
 
     def limit_file_size() -> None:  # a "disk" that fills up: writes past the limit fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit_bytes, file_limit_bytes))

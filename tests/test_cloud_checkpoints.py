@@ -4,8 +4,6 @@ local disk is gone, exactly as if never interrupted."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from pretrain.checkpoint import CheckpointPayload, checkpoint_name, verify_check
 from pretrain.checkpoint_sync import BackgroundUploader, download_checkpoint, remote_checkpoints
 from pretrain.storage import StorageOptions, open_storage
 from tests.fault_proxy import CONNECTION_RESET, SERVICE_UNAVAILABLE
-from tests.launcher import REPO, check, checkpoints, final_weights, launch, logged
+from tests.launcher import check, checkpoints, final_weights, launch, logged
 
 CLOUDS = ("s3", "gcs", "azure")
 FAST_RETRIES = StorageOptions(max_retries=4, retry_backoff_seconds=0.05, multipart_chunk_bytes=5 * 1024 * 1024)
@@ -97,13 +95,6 @@ def test_a_failed_upload_is_reported_and_the_next_one_still_goes(tmp_path, new_b
     assert uploader.take_report().uploaded == [second.name]
     uploader.close()
 
-
-@pytest.fixture(scope="module")
-def sample_data(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "pretrain.sample_data", "--out", str(data_dir)], cwd=REPO, check=True,
-                   capture_output=True)
-    return data_dir
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from pretrain.checkpoint import MANIFEST, load_checkpoint, verify_checkpoint
+from pretrain.checkpoint import load_checkpoint, verify_checkpoint
 from tests.launcher import REPO, RUN_NAME, check, checkpoints, final_weights, launch, logged
 
 pytestmark = pytest.mark.slow
 SHORT = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2"]
 
-
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "pretrain.sample_data", "--out", str(data_dir)], cwd=REPO, check=True,
-                   capture_output=True)
-    return data_dir
 
 
 def test_training_run_learns_logs_checkpoints_and_exports(tmp_path, sample_data):

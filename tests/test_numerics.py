@@ -16,7 +16,7 @@ def trainer(tmp_path):
     generate_sample_data(tmp_path / "data", vocab_size=512, seed=0)
     config = validate(with_changes(
         CONFIGS["test"], data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "checkpoints"),
-        logging_dir=str(tmp_path / "logs"), run_name="run", max_steps=10, max_consecutive_nonfinite=3, save_steps=100,
+        logging_dir=str(tmp_path / "logs"), checkpoint_bucket="", run_name="run", max_steps=10, max_consecutive_nonfinite=3, save_steps=100,
         eval_steps=0, warmup_steps=1, logging_steps=1, export_final_model=False,
     ))
     trainer = Trainer(config, PreemptionFlag())

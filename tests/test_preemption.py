@@ -15,21 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.checkpoint import verify_checkpoint
 from pretrain.preemption import PREEMPTED_EXIT_CODE
-from tests.launcher import REPO, RUN_NAME, check, checkpoints, final_weights, launch, logged
+from tests.launcher import REPO, RUN_NAME, check, checkpoints, final_weights, isolated_args, launch, logged
 
 pytestmark = pytest.mark.slow
 COMMON = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2", "--lr-decay-steps", "40"]
 
-
-@pytest.fixture(scope="module")
-def sample_data(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "pretrain.sample_data", "--out", str(data_dir)], cwd=REPO, check=True,
-                   capture_output=True)
-    return data_dir
 
 
 class Watched:
@@ -72,10 +66,7 @@ def wait_for_step(workdir: Path, step: int, process: subprocess.Popen, timeout: 
 
 
 def launcher_command(workdir: Path, data_dir: Path, *args: str) -> list[str]:
-    return [
-        str(REPO / "start_training.sh"), "--config", "test", "--data-dir", str(data_dir),
-        "--output-dir", str(workdir / "checkpoints"), "--logging-dir", str(workdir / "logs"), "--run-name", RUN_NAME, *args,
-    ]
+    return [str(REPO / "start_training.sh"), *isolated_args(workdir, data_dir, *args), *args]
 
 
 def test_sigterm_writes_an_emergency_checkpoint_exits_75_and_resumes_exactly(tmp_path, sample_data):
@@ -123,10 +114,8 @@ def test_sigkill_at_random_moments_never_loses_or_changes_the_result(tmp_path, s
 
     def train_py(workdir: Path, resume: bool) -> list[str]:
         return [
-            sys.executable, "train.py", "--config", "test", "--data-dir", str(sample_data),
-            "--output-dir", str(workdir / "checkpoints"), "--logging-dir", str(workdir / "logs"), "--run-name", RUN_NAME,
-            "--max-steps", "16", "--save-steps", "2", "--checkpoint-bucket", f"file://{workdir / 'bucket'}", *COMMON,
-            *(["--resume", "latest"] if resume else []),
+            sys.executable, "train.py", *isolated_args(workdir, sample_data), "--max-steps", "16", "--save-steps", "2",
+            *COMMON, *(["--resume", "latest"] if resume else []),
         ]
 
     check(subprocess.run(train_py(straight, False), cwd=REPO, capture_output=True, text=True, timeout=300))
@@ -158,3 +147,7 @@ def test_sigkill_at_random_moments_never_loses_or_changes_the_result(tmp_path, s
     assert logged(killed) == logged(straight), outcomes
     a, b = final_weights(killed), final_weights(straight)
     assert all(torch.equal(a[k], b[k]) for k in a), outcomes
+    events = EventAccumulator(str(killed / "logs" / RUN_NAME))
+    events.Reload()
+    # What the killed runs logged past their last checkpoint is purged: one point per step, as in a straight run.
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, 17)), outcomes

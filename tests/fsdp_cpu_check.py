@@ -1,0 +1,183 @@
+"""Trains the test model under DDP, FSDP1 and FSDP2 on 2 gloo CPU processes, then resumes each one's step-3
+checkpoint on a single process; writes every loss to a JSON file that tests/test_distributed.py judges.
+
+Accelerate runs FSDP only on GPUs (on CPU processes it falls back to DDP), so this wraps the model with torch's FSDP
+directly, with what configs/accelerate/fsdp.yaml asks Accelerate for: FULL_SHARD, one unit per GPTNeoXLayer,
+use_orig_params. Everything else is the pipeline's own: model, optimizer groups, schedule, global sample order, and
+the full model/optimizer state that pretrain/loop.py checkpoints.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/fsdp_cpu_check.py DATA_DIR RESULT_JSON
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import set_seed
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+
+from configs import get_config
+from pretrain.data import TokenSamples, make_train_loader
+from pretrain.loop import full_optimizer_state, load_full_optimizer_state, make_accelerator
+from pretrain.model import build_model
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.shards import discover_shards, inspect_shards, split_eval_shards
+
+CONFIG = get_config("test")
+STEPS, SAVE_AT = 6, 3
+STRATEGIES = ("ddp", "fsdp1", "fsdp2")
+
+
+def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    if strategy == "ddp":
+        return DistributedDataParallel(model)
+    if strategy == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={GPTNeoXLayer})
+        return FullyShardedDataParallel(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD,
+                                        use_orig_params=True, device_id=torch.device("cpu"))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.gpt_neox.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def clip(model: torch.nn.Module, strategy: str) -> None:
+    if strategy == "fsdp1":
+        model.clip_grad_norm_(CONFIG.max_grad_norm)  # the total norm over every rank's shard
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CONFIG.max_grad_norm)
+
+
+def train(model, optimizer, scheduler, batches, steps: int, strategy: str) -> list[float]:
+    """The loop's step: mean loss over accumulated micro-batches, clip, step; the logged loss is the mean over ranks.
+
+    strategy "single" is one process on its own (the resumed run), with nothing to average over.
+    """
+    losses = []
+    accumulation = CONFIG.gradient_accumulation_steps
+    for _ in range(steps):
+        loss_sum = torch.zeros(())
+        for _ in range(accumulation):
+            input_ids = next(batches)
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            (loss / accumulation).backward()
+            loss_sum += loss.detach()
+        clip(model, strategy)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if strategy != "single":
+            dist.all_reduce(loss_sum)
+            loss_sum /= dist.get_world_size()
+        losses.append(loss_sum.item() / accumulation)
+    return losses
+
+
+def run_distributed(strategy: str, data: TokenSamples, rank: int, world: int) -> dict:
+    set_seed(CONFIG.seed)
+    model = build_model(CONFIG.model)
+    parameter_names = [name for name, _ in model.named_parameters()]
+    if strategy == "fsdp2":
+        model = wrap(model, strategy)
+        optimizer = build_optimizer(model, CONFIG)  # fully_shard swaps in DTensor parameters: build after
+    else:
+        optimizer = build_optimizer(model, CONFIG)  # before wrapping, as loop.py does: groups see the real shapes
+        model = wrap(model, strategy)
+    scheduler = build_scheduler(optimizer, CONFIG)
+    batches = iter(make_train_loader(data, 0, CONFIG.per_device_train_batch_size, rank, world, num_workers=0))
+    losses = train(model, optimizer, scheduler, batches, SAVE_AT, strategy)
+    full = StateDictOptions(full_state_dict=True)
+    checkpoint = saved_and_loaded({
+        "model": get_model_state_dict(model, options=full),
+        "optimizer": full_optimizer_state(model, optimizer),
+        "scheduler": scheduler.state_dict(),
+    })
+    local_numel = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    losses += train(model, optimizer, scheduler, batches, STEPS - SAVE_AT, strategy)
+    return {
+        "losses": losses,
+        "checkpoint": checkpoint,
+        "parameter_names": parameter_names,
+        "local_numel": local_numel,
+    }
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """A copy through torch.save and the checkpoint's weights_only load: some tensors are the live ones otherwise."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def resume_on_one_process(checkpoint: dict, data: TokenSamples) -> list[float]:
+    """What `--resume` does with 1 process: the whole global batch per micro-batch, from the saved sample position."""
+    model = build_model(CONFIG.model)
+    model.load_state_dict(checkpoint["model"])
+    optimizer = build_optimizer(model, CONFIG)
+    scheduler = build_scheduler(optimizer, CONFIG)
+    load_full_optimizer_state(model, optimizer, checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    world = dist.get_world_size()
+    samples_consumed = SAVE_AT * CONFIG.per_device_train_batch_size * CONFIG.gradient_accumulation_steps * world
+    batches = iter(make_train_loader(data, samples_consumed, CONFIG.per_device_train_batch_size * world, 0, 1, 0))
+    return train(model, optimizer, scheduler, batches, STEPS - SAVE_AT, "single")
+
+
+def load_data(data_dir: Path) -> TokenSamples:
+    paths = discover_shards(data_dir)
+    shards = inspect_shards(data_dir, paths, CONFIG.seq_len, CONFIG.model.vocab_size)
+    train_shards, _ = split_eval_shards(shards, CONFIG.eval_shards)
+    return TokenSamples(data_dir, train_shards, CONFIG.seq_len, CONFIG.seed)
+
+
+def main(data_dir: str, result_path: str) -> None:
+    accelerator = make_accelerator(CONFIG)  # the pipeline's own process group: gloo on CPU processes
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data = load_data(Path(data_dir))
+    runs = {strategy: run_distributed(strategy, data, rank, world) for strategy in STRATEGIES}
+    if rank == 0:
+        result = {"world_size": world, "distributed_type": str(accelerator.distributed_type)}
+        for strategy, run in runs.items():
+            checkpoint = run["checkpoint"]
+            result[strategy] = {
+                "losses": run["losses"],
+                "resumed_losses": resume_on_one_process(checkpoint, data),
+                "model_keys": sorted(checkpoint["model"]),
+                "optimizer_keys": sorted(checkpoint["optimizer"]["state"]),
+                "parameter_names": sorted(run["parameter_names"]),
+                "local_numel": run["local_numel"],
+                "total_numel": sum(t.numel() for t in checkpoint["model"].values()),
+            }
+        Path(result_path).write_text(json.dumps(result, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    leave_without_teardown()
+
+
+def leave_without_teardown() -> None:
+    """Exits at once, skipping interpreter teardown. There the DDP reducer is freed and with it the gloo process group,
+    whose destructor joins its worker threads while holding the GIL; a worker that still has to free a finished
+    collective's tensors needs the GIL, and both ranks hang (seen once with torch 2.13, in gdb)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
