@@ -151,11 +151,11 @@ class Trainer:
             log.info(message)
 
     def run(self) -> None:
-        self._set_up()
         try:
+            self._set_up()
             self._train()
         finally:
-            self._tear_down()
+            self._tear_down()  # also after a failed set-up: threads and the process group must not outlive the run
 
     # Set-up ---------------------------------------------------------------------------------------
 
@@ -553,6 +553,12 @@ class Trainer:
             self.metrics.console(f"exported the final model to {final}")
         self.accelerator.wait_for_everyone()
 
+    def _upload_budget(self, seconds: float) -> float:
+        """After a preemption signal every wait comes out of the grace period the VM gives."""
+        if self.preemption.requested:
+            return min(seconds, self.preemption.grace_left(self.config.preemption_grace_seconds))
+        return seconds
+
     def _tear_down(self) -> None:
         if self.saver is not None:
             # Also after an error: a snapshot already handed over is a good checkpoint and is finished.
@@ -560,15 +566,13 @@ class Trainer:
             self.saver.close()
         if self.uploader is not None:
             if self.uploader.busy():
-                timeout = self.config.upload_timeout_seconds
-                if self.preemption.requested:
-                    timeout = min(timeout, self.preemption.grace_left(self.config.preemption_grace_seconds))
+                timeout = self._upload_budget(self.config.upload_timeout_seconds)
                 if not self.uploader.wait(timeout):
                     log.error("checkpoint upload still running after %.0f s; the local checkpoint is complete "
                               "and will be used by --resume latest on this machine", timeout)
             if hasattr(self, "run_dir"):
                 self.uploader.sync_logs(self.run_dir)
-                self.uploader.wait(min(60.0, self.config.upload_timeout_seconds))
+                self.uploader.wait(self._upload_budget(min(60.0, self.config.upload_timeout_seconds)))
             self._report_uploads()
             self.uploader.close()
         if hasattr(self, "metrics"):
