@@ -80,3 +80,17 @@ def test_asking_for_gpus_on_a_cpu_machine_is_a_clear_error(tmp_path, sample_data
     assert result.returncode == 2
     assert "--gpus 2: no GPU is visible on this machine; use --gpus 0" in result.stderr
     assert checkpoints(tmp_path) == []
+
+
+def test_a_compiled_runs_checkpoint_resumes_without_compile(tmp_path, sample_data):
+    """torch.compile (inductor on CPU) after prepare(): no `_orig_mod.` leaks into checkpoints or the export."""
+    compiled = check(launch(tmp_path, sample_data, "--compile-model", "true", "--max-steps", "2", "--save-steps", "2",
+                            "--lr-decay-steps", "4", *SHORT))
+    assert "torch.compile failed" not in compiled.stderr
+    saved = load_checkpoint(tmp_path / "checkpoints" / checkpoints(tmp_path)[-1]).model_state
+    assert not any("_orig_mod" in key for key in saved)
+    check(launch(tmp_path, sample_data, "--compile-model", "false", "--resume", "latest", "--max-steps", "4",
+                 "--save-steps", "2", "--lr-decay-steps", "4", *SHORT))
+    assert sorted(logged(tmp_path)) == [1, 2, 3, 4]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "final-model").state_dict()
+    assert set(exported) == set(saved)
