@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from configs import TrainingConfig
 from pretrain import rng
@@ -45,6 +44,7 @@ from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preemption import PreemptionFlag
 from pretrain.saver import BackgroundSaver, snapshot
 from pretrain.shards import ShardInfo, discover_shards, inspect_shards, split_eval_shards, verify_frozen_shards
+from pretrain.state_dicts import clean_state_dict, full_optimizer_state, load_full_optimizer_state, load_model_state
 from pretrain.storage import Storage, StorageOptions, open_storage
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class Trainer:
         self.storage: Storage | None = None
         self.uploader: BackgroundUploader | None = None
         self.saver: BackgroundSaver | None = None
+        self.upload_failures = 0
         self.position = Position()
         self.consecutive_nonfinite = 0
         self.nonfinite_total = 0
@@ -168,7 +169,7 @@ class Trainer:
         self._prepare_data(resumed)
         self.model = build_model(config.model)
         if resumed is not None:
-            _load_model_state(self.model, resumed.model_state)
+            load_model_state(self.model, resumed.model_state)
         self.model_size = count_parameters(self.model)  # before prepare(): FSDP leaves each rank only its shard
         self.log("\n".join(plan_lines(config, accelerator.num_processes, self.model)))
         self.optimizer = build_optimizer(self.model, config)
@@ -414,7 +415,7 @@ class Trainer:
         values["train/epoch"] = self.position.samples_consumed / self.train_data.samples_per_epoch
         values["time/elapsed_seconds"] = self.elapsed_before + time.monotonic() - self._start_time
         if self.uploader is not None:
-            values["checkpoint/upload_failures"] = float(getattr(self, "upload_failures", 0))
+            values["checkpoint/upload_failures"] = float(self.upload_failures)
         self.metrics.publish(step, values)
 
     def _lr_of_step(self, step: int) -> float:
@@ -482,7 +483,7 @@ class Trainer:
         def hand_over() -> None:
             # The only part the training thread waits for: a host-memory copy of the state.
             payload = CheckpointPayload(
-                model_state=snapshot(_clean_state_dict(model_state)),
+                model_state=snapshot(clean_state_dict(model_state)),
                 optimizer_state=snapshot(optimizer_state),
                 rng_states={f"rank{i}": state for i, state in enumerate(rng_states)},
                 trainer_state=self._trainer_state(),
@@ -526,7 +527,7 @@ class Trainer:
         if self.uploader is None:
             return
         report = self.uploader.take_report()
-        self.upload_failures = getattr(self, "upload_failures", 0) + len(report.failed)
+        self.upload_failures += len(report.failed)
         for failure in report.failed:
             log.error("checkpoint upload FAILED: %s (the next checkpoint will still be uploaded)", failure)
 
@@ -547,7 +548,7 @@ class Trainer:
             shutil.rmtree(temp, ignore_errors=True)
             unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             with _quiet_transformers():
-                unwrapped.save_pretrained(temp, state_dict=snapshot(_clean_state_dict(state)))
+                unwrapped.save_pretrained(temp, state_dict=snapshot(clean_state_dict(state)))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temp, final)
             self.metrics.console(f"exported the final model to {final}")
@@ -627,39 +628,3 @@ def _compile(model: torch.nn.Module) -> torch.nn.Module:
     except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
         log.warning("torch.compile failed (%s); training without it", error)
         return model
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The whole optimizer state keyed by parameter name, so any strategy on any number of processes can load it.
-
-    `optimizer.state_dict()` holds only this rank's shard under FSDP, and numbers parameters instead of naming them.
-    Every rank must call this under FSDP. On GPUs the result lands in CPU memory, on rank 0 only when there are several
-    processes; on CPUs nothing is "offloaded", which FSDP1 would crash doing (segfault, torch 2.13 with gloo).
-    """
-    on_gpu = next(model.parameters()).device.type != "cpu"
-    options = StateDictOptions(full_state_dict=True, cpu_offload=on_gpu)
-    return get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Loads what full_optimizer_state saved; under FSDP each rank keeps its own shard (every rank must call it)."""
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP); tensors as they are."""
-    cleaned = {}
-    for key, tensor in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key.replace("._orig_mod.", ".")] = tensor.detach()
-    return cleaned
-
-
-def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(_clean_state_dict(state), strict=False)
-    tied = {"embed_out.weight"} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-

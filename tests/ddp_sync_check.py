@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from configs import get_config
 from pretrain.loop import make_accelerator
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer
+from tests.process_exit import leave_without_teardown
 
 CONFIG = get_config("test")
 SYNCED_STEPS = 3
@@ -79,15 +79,6 @@ def main(result_path: str) -> None:
         }, indent=1))
     accelerator.end_training()
     leave_without_teardown()
-
-
-def leave_without_teardown() -> None:
-    """Exits at once, skipping interpreter teardown. There the DDP reducer is freed and with it the gloo process group,
-    whose destructor joins its worker threads while holding the GIL; a worker that still has to free a finished
-    collective's tensors needs the GIL, and both ranks hang (seen once with torch 2.13, in gdb)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

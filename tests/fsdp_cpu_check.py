@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,10 +26,12 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 
 from configs import get_config
 from pretrain.data import TokenSamples, make_train_loader
-from pretrain.loop import full_optimizer_state, load_full_optimizer_state, make_accelerator
+from pretrain.loop import make_accelerator
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.shards import discover_shards, inspect_shards, split_eval_shards
+from pretrain.state_dicts import full_optimizer_state, load_full_optimizer_state
+from tests.process_exit import leave_without_teardown
 
 CONFIG = get_config("test")
 STEPS, SAVE_AT = 6, 3
@@ -168,15 +169,6 @@ def main(data_dir: str, result_path: str) -> None:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     leave_without_teardown()
-
-
-def leave_without_teardown() -> None:
-    """Exits at once, skipping interpreter teardown. There the DDP reducer is freed and with it the gloo process group,
-    whose destructor joins its worker threads while holding the GIL; a worker that still has to free a finished
-    collective's tensors needs the GIL, and both ranks hang (seen once with torch 2.13, in gdb)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
