@@ -143,10 +143,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish); not a checkpoint")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except json.JSONDecodeError as error:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({error})") from error
-    return manifest | {"files": files}
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{manifest_path}: unreadable manifest (no file list)")
+    return manifest
 
 
 def verify_checkpoint(folder: Path, check_contents: bool = True) -> str | None:
@@ -175,6 +176,14 @@ def local_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: step_of(p.name), reverse=True)
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Local checkpoints whose manifest is present and matches the file sizes, newest step first.
+
+    Sizes only: cheap enough for every save. Contents are checked by verify_checkpoint before a resume uses one.
+    """
+    return [p for p in local_checkpoints(output_dir) if verify_checkpoint(p, check_contents=False) is None]
+
+
 def load_checkpoint(folder: Path) -> CheckpointPayload:
     """Loads without executing any pickled code: safetensors, weights_only torch.load, JSON."""
     model_state = load_file(str(folder / MODEL_FILE))
@@ -195,9 +204,8 @@ def prune_local(output_dir: Path, keep: int, protected: set[str]) -> list[str]:
 
     The manifest goes first so a crash mid-delete leaves a folder that is plainly not a checkpoint.
     """
-    complete = [p for p in local_checkpoints(output_dir) if verify_checkpoint(p, check_contents=False) is None]
     deleted = []
-    for folder in complete[keep:]:
+    for folder in complete_checkpoints(output_dir)[keep:]:
         if folder.name in protected:
             continue
         (folder / MANIFEST).unlink(missing_ok=True)

@@ -153,19 +153,5 @@ def _unknown_flag_message(token: str, parser: argparse.ArgumentParser) -> str:
     return f"unknown flag {token.split('=')[0]}: {hint}valid flags: {' '.join(sorted(valid))}"
 
 
-def config_name_from_argv(argv: list[str]) -> str:
-    return _config_name(argv)
-
-
-def print_help(argv: list[str]) -> None:
-    build_parser(get_config(_config_name(argv))).print_help()
-
-
 def config_to_dict(config: TrainingConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def config_from_dict(data: dict[str, Any]) -> TrainingConfig:
-    model = ModelConfig(**data["model"])
-    known = {f.name for f in dataclasses.fields(TrainingConfig)}
-    return TrainingConfig(**{k: v for k, v in data.items() if k in known and k != "model"}, model=model)

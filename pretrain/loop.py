@@ -21,27 +21,32 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import accelerate
+import numpy
+import safetensors
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from configs import TrainingConfig
+from configs import CONFIGS, TrainingConfig
 from pretrain import rng
 from pretrain.checkpoint import (
     CheckpointPayload,
     checkpoint_name,
     clean_temp_folders,
+    complete_checkpoints,
     load_checkpoint,
-    local_checkpoints,
-    verify_checkpoint,
 )
 from pretrain.checkpoint_sync import BackgroundUploader, remote_checkpoints, resolve_resume
 from pretrain.cli import config_to_dict
 from pretrain.data import TokenSamples, make_eval_batches, make_train_loader
+from pretrain.download import download_shards
 from pretrain.metrics import Metrics, ThroughputModel
 from pretrain.model import build_model, count_parameters, describe, flops_per_token, peak_flops_per_device
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preemption import PreemptionFlag
+from pretrain.sample_data import generate_sample_data
 from pretrain.saver import BackgroundSaver, snapshot
 from pretrain.shards import ShardInfo, discover_shards, inspect_shards, split_eval_shards, verify_frozen_shards
 from pretrain.state_dicts import clean_state_dict, full_optimizer_state, load_full_optimizer_state, load_model_state
@@ -99,11 +104,6 @@ def storage_options(config: TrainingConfig) -> StorageOptions:
 
 
 def library_versions() -> dict[str, str]:
-    import accelerate
-    import numpy
-    import safetensors
-    import transformers
-
     return {
         "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
         "numpy": numpy.__version__, "safetensors": safetensors.__version__,
@@ -216,7 +216,7 @@ class Trainer:
 
     def _refuse_existing_checkpoints(self) -> None:
         """A fresh run must not mix its checkpoints with (or prune) those of an earlier run in the same place."""
-        existing = [p.name for p in local_checkpoints(self.output_dir) if verify_checkpoint(p, check_contents=False) is None]
+        existing = [p.name for p in complete_checkpoints(self.output_dir)]
         where = str(self.output_dir)
         if not existing and self.storage is not None:
             existing, where = remote_checkpoints(self.storage), self.storage.url
@@ -253,14 +253,10 @@ class Trainer:
         """Main process only (shards are validated once, before step 1); multi-node runs share the data folder."""
         config = self.config
         if config.data_bucket:
-            from pretrain.download import download_shards
-
             source = open_storage(config.data_bucket, storage_options(config))
             download_shards(source, data_dir, max_files=config.max_files or None, progress=self.is_main)
         has_shards = data_dir.is_dir() and any(data_dir.rglob("*.npz"))
         if config.generate_sample_data and not has_shards:
-            from pretrain.sample_data import generate_sample_data
-
             self.log(f"{data_dir} has no shards: writing the synthetic sample corpus there")
             generate_sample_data(data_dir, vocab_size=config.model.vocab_size, seed=config.seed)
         rel_paths = discover_shards(data_dir, config.max_files or None)
@@ -601,8 +597,6 @@ def on_main(accelerator: Accelerator, compute):
 
 
 def config_label(config: TrainingConfig) -> str:
-    from configs import CONFIGS
-
     for name, named in CONFIGS.items():
         if named.model == config.model:
             return name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from configs import TrainingConfig
@@ -10,8 +12,6 @@ from pretrain.model import build_model
 
 
 def print_dry_run(config: TrainingConfig, num_processes: int | None = None) -> None:
-    import os
-
     processes = num_processes or int(os.environ.get("WORLD_SIZE", "0")) or config.num_processes
     model = build_model(config.model, device="meta")  # shapes only: no memory for the weights
     cuda = torch.cuda.is_available()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint import CheckpointPayload, clean_temp_folders, local_checkpoints, prune_local, verify_checkpoint, write_checkpoint
+from pretrain.checkpoint import CheckpointPayload, clean_temp_folders, complete_checkpoints, prune_local, write_checkpoint
 from pretrain.checkpoint_sync import BackgroundUploader
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ class BackgroundSaver:
             folder = write_checkpoint(self.output_dir, name, payload)
         except OSError as error:
             clean_temp_folders(self.output_dir)
-            kept = next((p.name for p in local_checkpoints(self.output_dir)
-                         if verify_checkpoint(p, check_contents=False) is None), None)
+            kept = next((p.name for p in complete_checkpoints(self.output_dir)), None)
             failure = OSError(
                 f"could not write checkpoint {name} in {self.output_dir}: {error.strerror or error}; free disk space "
                 f"or fix permissions, then --resume latest (the last complete checkpoint, {kept or 'none'}, is intact)"
