@@ -35,6 +35,7 @@ class TrainingConfig:
     """Everything a run needs. Every field is a command-line flag: `--field-name VALUE`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    name: str = "custom"  # the named config this came from (set by get_config; not a flag)
 
     # Run
     run_name: str = ""  # empty: derived from the config name and start time; a resumed run keeps its own
@@ -154,7 +155,12 @@ CONFIGS: dict[str, TrainingConfig] = {
 def get_config(name: str) -> TrainingConfig:
     if name not in CONFIGS:
         raise ValueError(f"--config {name!r} is not a known config; choose one of: {', '.join(CONFIGS)}")
-    return CONFIGS[name]
+    return dataclasses.replace(CONFIGS[name], name=name)
+
+
+def as_dict(config: TrainingConfig) -> dict:
+    """Plain JSON-able values, for checkpoints and W&B."""
+    return dataclasses.asdict(config)
 
 
 def with_changes(config: TrainingConfig, **changes) -> TrainingConfig:

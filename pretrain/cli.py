@@ -50,7 +50,7 @@ def _config_fields() -> list[tuple[str, dataclasses.Field, type, str]]:
     rows = []
     for section, cls in (("model shape", ModelConfig), ("training", TrainingConfig)):
         for f in dataclasses.fields(cls):
-            if f.name == "model":
+            if f.name in ("model", "name"):
                 continue
             rows.append((section, f, hints[f.name], _field_comments(cls).get(f.name, "")))
     return rows
@@ -151,7 +151,3 @@ def _unknown_flag_message(token: str, parser: argparse.ArgumentParser) -> str:
     close = difflib.get_close_matches(token.split("=")[0], valid, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     return f"unknown flag {token.split('=')[0]}: {hint}valid flags: {' '.join(sorted(valid))}"
-
-
-def config_to_dict(config: TrainingConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -29,7 +29,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from configs import CONFIGS, TrainingConfig
+from configs import TrainingConfig, as_dict
 from pretrain import rng
 from pretrain.checkpoint import (
     CheckpointPayload,
@@ -39,7 +39,6 @@ from pretrain.checkpoint import (
     load_checkpoint,
 )
 from pretrain.checkpoint_sync import BackgroundUploader, remote_checkpoints, resolve_resume
-from pretrain.cli import config_to_dict
 from pretrain.data import TokenSamples, make_eval_batches, make_train_loader
 from pretrain.download import download_shards
 from pretrain.metrics import Metrics, ThroughputModel
@@ -50,7 +49,8 @@ from pretrain.sample_data import generate_sample_data
 from pretrain.saver import BackgroundSaver, snapshot
 from pretrain.shards import ShardInfo, discover_shards, inspect_shards, split_eval_shards, verify_frozen_shards
 from pretrain.state_dicts import clean_state_dict, full_optimizer_state, load_full_optimizer_state, load_model_state
-from pretrain.storage import Storage, StorageOptions, open_storage
+from pretrain.distributed import on_main
+from pretrain.storage import Storage, open_storage, storage_options
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,6 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         mixed_precision=effective_mixed_precision(config, cuda),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
-    )
-
-
-def storage_options(config: TrainingConfig) -> StorageOptions:
-    return StorageOptions(
-        gcs_credentials=config.gcs_credentials or None,
-        gcp_project=config.gcp_project or None,
-        s3_endpoint_url=config.s3_endpoint_url or None,
-        max_retries=config.storage_max_retries,
-        retry_backoff_seconds=config.storage_retry_backoff_seconds,
     )
 
 
@@ -288,7 +278,7 @@ class Trainer:
     def _make_metrics(self) -> Metrics:
         config, accelerator = self.config, self.accelerator
         if not hasattr(self, "run_name"):
-            names = [config.run_name or f"{config_label(config)}-{datetime.now():%Y%m%d-%H%M%S}"]
+            names = [config.run_name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"]
             self.run_name = broadcast_object_list(names)[0]
             self.wandb_run_id = uuid.uuid4().hex[:12] if config.wandb else None
             self.history = []
@@ -305,7 +295,7 @@ class Trainer:
         if config.wandb:
             wandb_settings = {
                 "project": config.wandb_project, "run_id": self.wandb_run_id or uuid.uuid4().hex[:12],
-                "name": self.run_name, "mode": config.wandb_mode, "config": config_to_dict(config),
+                "name": self.run_name, "mode": config.wandb_mode, "config": as_dict(config),
             }
         metrics = Metrics(self.run_dir, self.is_main, config.logging_steps, config.max_steps, self.position.step,
                           throughput, wandb_settings)
@@ -515,7 +505,7 @@ class Trainer:
             "run_name": self.run_name,
             "wandb_run_id": self.wandb_run_id,
             "elapsed_seconds": self.elapsed_before + time.monotonic() - self._start_time,
-            "config": config_to_dict(self.config),
+            "config": as_dict(self.config),
             "versions": library_versions(),
         }
 
@@ -575,32 +565,6 @@ class Trainer:
         if hasattr(self, "metrics"):
             self.metrics.close()
         self.accelerator.end_training()
-
-
-def on_main(accelerator: Accelerator, compute):
-    """Runs `compute` on the main process and gives its result to all; an error there is raised everywhere.
-
-    Without this, a bad shard or a full disk seen by rank 0 would leave the other ranks waiting at a collective.
-    """
-    outcome: list[Any] = [None]
-    if accelerator.is_main_process:
-        try:
-            outcome = [("ok", compute())]
-        except Exception as error:  # noqa: BLE001 - re-raised below on every rank
-            outcome = [("error", error)]
-    if accelerator.num_processes > 1:
-        outcome = broadcast_object_list(outcome)
-    kind, value = outcome[0]
-    if kind == "error":
-        raise value
-    return value
-
-
-def config_label(config: TrainingConfig) -> str:
-    for name, named in CONFIGS.items():
-        if named.model == config.model:
-            return name
-    return "run"
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ This package is the only place that imports the cloud SDKs; each is imported whe
 """
 
 from pretrain.storage.base import ObjectInfo, Storage, StorageError, StorageOptions
-from pretrain.storage.factory import open_storage
+from pretrain.storage.factory import open_storage, storage_options
 from pretrain.storage.redaction import redact
 
-__all__ = ["ObjectInfo", "Storage", "StorageError", "StorageOptions", "open_storage", "redact"]
+__all__ = ["ObjectInfo", "Storage", "StorageError", "StorageOptions", "open_storage", "redact", "storage_options"]

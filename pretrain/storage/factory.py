@@ -29,3 +29,14 @@ def open_storage(url: str, options: StorageOptions = StorageOptions()) -> Storag
     except ImportError as error:
         raise StorageError(f"cannot open {url}: its SDK is not installed ({error.name}); pip install {package}") from None
     return getattr(module, class_name)(url, options)
+
+
+def storage_options(config) -> StorageOptions:
+    """The storage settings of a TrainingConfig (its gcs_*, s3_* and storage_* fields)."""
+    return StorageOptions(
+        gcs_credentials=config.gcs_credentials or None,
+        gcp_project=config.gcp_project or None,
+        s3_endpoint_url=config.s3_endpoint_url or None,
+        max_retries=config.storage_max_retries,
+        retry_backoff_seconds=config.storage_retry_backoff_seconds,
+    )
