@@ -154,3 +154,13 @@ def test_local_root_is_created_on_demand(tmp_path):
     storage.check_writable()
     assert (tmp_path / "does" / "not" / "exist").is_dir()
     assert storage.list() == []
+
+
+def test_read_range_returns_only_the_requested_bytes(bucket, tmp_path):
+    """A shard's header is read without downloading its tokens; a range past the end is cut short, not padded."""
+    data = random_file(tmp_path / "obj.bin", 300_000)
+    storage = open_storage(bucket.url)
+    storage.upload(tmp_path / "obj.bin", "shards/obj.bin")
+    assert storage.read_range("shards/obj.bin", 0, 64) == data[:64]
+    assert storage.read_range("shards/obj.bin", 123_456, 1000) == data[123_456:124_456]
+    assert storage.read_range("shards/obj.bin", 299_990, 1000) == data[299_990:]

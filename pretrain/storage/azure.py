@@ -91,6 +91,11 @@ class AzureStorage(Storage):
             with atomic_local_file(local_path) as temp_path, open(temp_path, "wb") as out:
                 self._container.download_blob(name, max_concurrency=self.options.max_concurrency).readinto(out)
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        name = self._name(key)
+        with storage_errors("read of", self.object_url(key), classify_azure_error):
+            return self._container.download_blob(name, offset=start, length=length).readall()
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
         objects = []

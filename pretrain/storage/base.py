@@ -122,6 +122,10 @@ class Storage(ABC):
     def download(self, key: str, local_path: Path) -> None: ...
 
     @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of an object (fewer at its end): a shard's header without its tokens."""
+
+    @abstractmethod
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
 
     @abstractmethod

@@ -132,6 +132,13 @@ class GCSStorage(Storage):
                 else:
                     blob.download_to_filename(str(temp_path), retry=self._retry, timeout=_TIMEOUT)
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        name = self._name(key)
+        with storage_errors("read of", self.object_url(key), classify_gcs_error):
+            # `end` is inclusive in the GCS client.
+            return self._bucket.blob(name).download_as_bytes(start=start, end=start + length - 1, retry=self._retry,
+                                                             timeout=_TIMEOUT)
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
         objects = []

@@ -49,6 +49,12 @@ class LocalStorage(Storage):
             with atomic_local_file(local_path) as temp_path:
                 shutil.copyfile(source, temp_path)
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with storage_errors("read of", self.object_url(key), classify_os_error, not_found="object does not exist"):
+            with open(self._path(key), "rb") as handle:
+                handle.seek(start)
+                return handle.read(length)
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         objects = []
         with storage_errors("listing of", self.url, classify_os_error):

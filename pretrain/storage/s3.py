@@ -89,6 +89,12 @@ class S3Storage(Storage):
             with atomic_local_file(local_path) as temp_path:
                 self._client.download_file(self.bucket, name, str(temp_path), Config=self._transfer_config)
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        name = self._name(key)
+        with storage_errors("read of", self.object_url(key), classify_s3_error):
+            response = self._client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes={start}-{start + length - 1}")
+            return response["Body"].read()
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
         objects = []
