@@ -1,8 +1,9 @@
-"""Complete, atomic, safely loadable checkpoints on local disk: write, verify, find, load, prune.
+"""The checkpoint format: writing a complete folder atomically, verifying it, loading it safely, and the same
+listing, verification and pruning over any `Storage` (the local output folder is one too), with transfers between them.
 
-A folder is a checkpoint only when its manifest (written last, with sizes and CRC32C of every file)
-is present and matches. Nothing read back can execute code: tensors come from safetensors or
-`torch.load(weights_only=True)`, everything else from JSON.
+A folder is a checkpoint only when its manifest (written last, with sizes and CRC32C of every file) is present and
+matches. Nothing read back can execute code: tensors come from safetensors or `torch.load(weights_only=True)`,
+everything else from JSON.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pretrain.checksum import crc32c_of_file
+from pretrain.storage import Storage, StorageError
+from pretrain.storage.local import LocalStorage
+from pretrain.train_state import StateFormatError, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_states.pt"
 STATE_FILE = "trainer_state.json"
 TEMP_PREFIX = ".tmp-"
+LOGS_PREFIX = "logs"  # the run's log folder in the bucket, beside the checkpoints
 FORMAT_VERSION = 1
 
 
@@ -50,24 +55,14 @@ def step_of(name: str) -> int:
     return int(match.group(2))
 
 
-def validate_resume_name(name: str) -> None:
-    """Refuses anything that is not `latest` or a bare checkpoint name: no paths, no `..`."""
-    if name == "latest" or NAME_PATTERN.match(name):
-        return
-    raise ValueError(
-        f"--resume {name!r} is not a checkpoint name: use 'latest' or a folder name like "
-        "checkpoint-epoch0-step1250-files8 (no '/' or '..')"
-    )
-
-
 @dataclass
 class CheckpointPayload:
-    """What the loop saves and gets back. `trainer_state` is plain JSON (position, history, config, versions)."""
+    """What a checkpoint holds: full (unsharded) model and optimizer state, every rank's RNG, the typed state."""
 
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
-    rng_states: dict[str, Any]
-    trainer_state: dict[str, Any]
+    rng_states: dict[str, Any]  # "rank0", "rank1", ...
+    state: TrainState
 
 
 def _fsync_file(path: Path) -> None:
@@ -111,10 +106,10 @@ def write_checkpoint(output_dir: Path, name: str, payload: CheckpointPayload) ->
     temp.mkdir()
     try:
         _write_files(temp, name, payload)
-    except BaseException as error:
+    except BaseException:
+        # Whatever failed (torch.save reports a full disk as RuntimeError, safetensors as SafetensorError),
+        # the half-written folder goes; the caller decides what the failure means.
         shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(error, SafetensorError):  # its I/O failures (disk full, quota) are OS errors to the caller
-            raise OSError(str(error)) from error
         raise
     if final.exists():
         # An incomplete folder of the same name (a crash mid-copy of a download, say): set it aside, never mix.
@@ -130,7 +125,7 @@ def _write_files(temp: Path, name: str, payload: CheckpointPayload) -> None:
     save_file(payload.model_state, str(temp / MODEL_FILE), metadata={"format": "pt"})
     torch.save(payload.optimizer_state, temp / OPTIMIZER_FILE)
     torch.save(payload.rng_states, temp / RNG_FILE)
-    (temp / STATE_FILE).write_text(json.dumps(payload.trainer_state, indent=1))
+    (temp / STATE_FILE).write_text(json.dumps(payload.state.to_json(), indent=1))
     for path in temp.iterdir():
         _fsync_file(path)
     write_manifest(temp, name)
@@ -168,22 +163,6 @@ def verify_checkpoint(folder: Path, check_contents: bool = True) -> str | None:
     return None
 
 
-def local_checkpoints(output_dir: Path) -> list[Path]:
-    """Folders named like checkpoints, newest step first; completeness is checked by the caller."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: step_of(p.name), reverse=True)
-
-
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Local checkpoints whose manifest is present and matches the file sizes, newest step first.
-
-    Sizes only: cheap enough for every save. Contents are checked by verify_checkpoint before a resume uses one.
-    """
-    return [p for p in local_checkpoints(output_dir) if verify_checkpoint(p, check_contents=False) is None]
-
-
 def load_checkpoint(folder: Path) -> CheckpointPayload:
     """Loads without executing any pickled code: safetensors, weights_only torch.load, JSON."""
     model_state = load_file(str(folder / MODEL_FILE))
@@ -195,23 +174,14 @@ def load_checkpoint(folder: Path) -> CheckpointPayload:
             f"{folder}: refused to load {OPTIMIZER_FILE}/{RNG_FILE}: it holds something other than tensors and "
             f"plain data ({type(error).__name__}); the checkpoint may have been tampered with"
         ) from error
-    trainer_state = json.loads((folder / STATE_FILE).read_text())
-    return CheckpointPayload(model_state, optimizer_state, rng_states, trainer_state)
+    return CheckpointPayload(model_state, optimizer_state, rng_states, read_state(folder))
 
 
-def prune_local(output_dir: Path, keep: int, protected: set[str]) -> list[str]:
-    """Deletes all but the newest `keep` complete checkpoints, never a protected one (still uploading).
-
-    The manifest goes first so a crash mid-delete leaves a folder that is plainly not a checkpoint.
-    """
-    deleted = []
-    for folder in complete_checkpoints(output_dir)[keep:]:
-        if folder.name in protected:
-            continue
-        (folder / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        deleted.append(folder.name)
-    return deleted
+def read_state(folder: Path) -> TrainState:
+    try:
+        return TrainState.from_json(json.loads((folder / STATE_FILE).read_text()), str(folder / STATE_FILE))
+    except StateFormatError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def clean_temp_folders(output_dir: Path) -> None:
@@ -220,3 +190,123 @@ def clean_temp_folders(output_dir: Path) -> None:
         for path in output_dir.iterdir():
             if path.is_dir() and path.name.startswith(TEMP_PREFIX):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+class CheckpointStore:
+    """Checkpoints in one Storage, local folder or bucket alike: list, check against the manifest, prune.
+
+    A listing reports sizes (and CRC32C where the store keeps one), so `problem` is cheap; the full content check of a
+    local copy before a resume is `verify_checkpoint`.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @classmethod
+    def local(cls, output_dir: Path) -> CheckpointStore:
+        return cls(LocalStorage(str(output_dir)))
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def names(self) -> list[str]:
+        """Checkpoints whose manifest is present, newest step first (complete or not: see `complete`)."""
+        if isinstance(self.storage, LocalStorage) and not self.storage.root.is_dir():
+            return []
+        found = set()
+        for info in self.storage.list(""):
+            parts = info.key.split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST and NAME_PATTERN.match(parts[0]):
+                found.add(parts[0])
+        return sorted(found, key=step_of, reverse=True)
+
+    def read_manifest(self, name: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="manifest-") as scratch:
+            self.storage.download(f"{name}/{MANIFEST}", Path(scratch) / MANIFEST)
+            return read_manifest(Path(scratch))
+
+    def problem(self, name: str, manifest: dict[str, Any] | None = None) -> str | None:
+        """None when every file of the manifest is stored with its size (and CRC32C where the store reports it)."""
+        try:
+            manifest = manifest or self.read_manifest(name)
+        except (CheckpointError, StorageError) as error:
+            return str(error)
+        stored = {info.key: info for info in self.storage.list(f"{name}/")}
+        for relative, expected in manifest["files"].items():
+            where = f"{self.storage.object_url(name)}/{relative}"
+            info = stored.get(f"{name}/{relative}")
+            if info is None:
+                return f"{where}: listed in the manifest but missing"
+            if info.size != expected["size"]:
+                return f"{where}: {info.size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
+            if info.checksum and info.checksum.startswith("crc32c:") and info.checksum != f"crc32c:{expected['crc32c']}":
+                return f"{where}: checksum does not match the manifest (corrupted)"
+        return None
+
+    def complete(self) -> list[str]:
+        """Checkpoints that pass `problem`, newest first."""
+        return [name for name in self.names() if self.problem(name) is None]
+
+    def prune(self, keep: int, protected: set[str] = frozenset()) -> list[str]:
+        """Deletes all but the newest `keep` complete checkpoints (at least one stays), never a protected one.
+
+        The manifest goes first, so a crash mid-delete leaves something that is plainly not a checkpoint.
+        """
+        deleted = []
+        for name in self.complete()[max(1, keep):]:
+            if name in protected:
+                continue
+            self.storage.delete(f"{name}/{MANIFEST}")
+            for info in self.storage.list(f"{name}/"):
+                self.storage.delete(info.key)
+            if isinstance(self.storage, LocalStorage):
+                shutil.rmtree(self.storage.root / name, ignore_errors=True)  # the emptied folders
+            deleted.append(name)
+        return deleted
+
+
+def upload_checkpoint(folder: Path, remote: CheckpointStore, attempts: int = 3, backoff_seconds: float = 1.0) -> None:
+    """Every file, the manifest last, then the remote copy is checked against the manifest.
+
+    `attempts` per file on top of the SDK's own retries, for failures that escape them mid-transfer.
+    """
+    manifest = read_manifest(folder)
+    for relative in [*manifest["files"], MANIFEST]:
+        key = f"{folder.name}/{relative}"
+        for attempt in range(1, attempts + 1):
+            try:
+                remote.storage.upload(folder / relative, key)
+                break
+            except Exception as error:  # noqa: BLE001 - any transfer failure gets the same bounded retry
+                if attempt == attempts:
+                    raise StorageError(f"{remote.storage.object_url(key)}: upload failed after {attempt} attempts: "
+                                       f"{error}") from error
+                log.warning("upload of %s failed (attempt %d/%d): %s; retrying", key, attempt, attempts, error)
+                time.sleep(backoff_seconds * 2 ** (attempt - 1))
+    problem = remote.problem(folder.name, manifest)
+    if problem:
+        remote.storage.delete(f"{folder.name}/{MANIFEST}")  # an unverifiable copy must not count as a checkpoint
+        raise StorageError(problem)
+
+
+def download_checkpoint(remote: CheckpointStore, name: str, output_dir: Path) -> Path:
+    """Into a temp folder, verified (sizes and checksums) against the manifest, then renamed into place."""
+    temp = output_dir / f"{TEMP_PREFIX}download-{name}-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        remote.storage.download(f"{name}/{MANIFEST}", temp / MANIFEST)
+        manifest = read_manifest(temp)
+        for relative in manifest["files"]:
+            remote.storage.download(f"{name}/{relative}", temp / relative)
+        problem = verify_checkpoint(temp)
+        if problem:
+            raise CheckpointError(f"{remote.storage.object_url(name)}: {problem.replace(str(temp), 'downloaded copy')}")
+        final = output_dir / name
+        if final.exists():
+            shutil.rmtree(final)  # only reached when the local folder failed verification
+        temp.rename(final)
+        return final
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -40,12 +40,15 @@ class Metrics:
         start_step: int,
         throughput: ThroughputModel,
         wandb_settings: dict[str, Any] | None = None,
+        history: list[dict[str, float]] | None = None,
     ) -> None:
+        self.run_dir = run_dir
         self.is_main = is_main
         self.logging_steps = logging_steps
         self.max_steps = max_steps
         self.throughput = throughput
-        self.history: list[dict[str, float]] = []
+        # The run's logged points, kept in the checkpoint (the caller's list, appended to in place).
+        self.history: list[dict[str, float]] = history if history is not None else []
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._window_start_time = time.perf_counter()
@@ -128,6 +131,12 @@ class Metrics:
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+
+    def __enter__(self) -> Metrics:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._progress is not None:

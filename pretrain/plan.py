@@ -1,24 +1,81 @@
-"""The dry run: the resolved config and the 1.2B model built on the meta device, printed without allocating it."""
+"""The run plan: batch arithmetic, precision, schedule and model size, in one wording for the launcher, the loop and
+`--dry-run` (which builds the model on the meta device and prints the plan without allocating anything).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from configs import TrainingConfig
-from pretrain.loop import effective_mixed_precision, plan_lines
-from pretrain.model import build_model
+from pretrain.model import ModelSize, build_model, count_parameters, describe, flops_per_token
+
+log = logging.getLogger(__name__)
 
 
-def print_dry_run(config: TrainingConfig, num_processes: int | None = None) -> None:
-    processes = num_processes or int(os.environ.get("WORLD_SIZE", "0")) or config.num_processes
+def effective_mixed_precision(config: TrainingConfig, cuda: bool) -> str:
+    if not cuda:
+        return config.mixed_precision if config.cpu_mixed_precision else "no"
+    # including_emulation=False: pre-Ampere GPUs "support" bf16 only by slow emulation.
+    if config.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        log.warning("this GPU has no bf16; training in fp16 with a loss scaler")
+        return "fp16"
+    return config.mixed_precision
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: TrainingConfig
+    num_processes: int
+    cuda: bool
+    model_size: ModelSize | None = None  # known once the model is built (on the meta device for a dry run)
+
+    @property
+    def global_batch_samples(self) -> int:
+        c = self.config
+        return c.per_device_train_batch_size * c.gradient_accumulation_steps * self.num_processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_samples * self.config.seq_len
+
+    @property
+    def precision(self) -> str:
+        return effective_mixed_precision(self.config, self.cuda)
+
+    def lines(self) -> list[str]:
+        c = self.config
+        device = f"{self.num_processes} GPU{'s' if self.num_processes > 1 else ''}" if self.cuda else (
+            f"CPU, {self.num_processes} process{'es' if self.num_processes > 1 else ''}")
+        lines = [f"config {c.name} on {device}, mixed precision {self.precision}, torch.compile "
+                 f"{'on' if c.compile_model else 'off'}"]
+        if self.model_size is not None:
+            lines.append(f"model: GPT-NeoX {describe(self.model_size)}")
+        lines.append(
+            f"batch: {c.per_device_train_batch_size} per device x {c.gradient_accumulation_steps} accumulation x "
+            f"{self.num_processes} process{'es' if self.num_processes > 1 else ''} x {c.seq_len} tokens = "
+            f"{self.tokens_per_step:,} tokens per optimizer step"
+        )
+        lines.append(
+            f"schedule: {c.max_steps:,} steps ({c.max_steps * self.tokens_per_step / 1e9:.2f} B tokens), warmup "
+            f"{c.warmup_steps}, cosine to {c.min_learning_rate_ratio:g} x {c.learning_rate:g} at step "
+            f"{c.effective_lr_decay_steps():,}"
+        )
+        if self.model_size is not None:
+            gflops = flops_per_token(self.model_size, c.model, c.seq_len) / 1e9
+            lines.append(f"training FLOPs: {gflops:.2f} GFLOP per token")
+        return lines
+
+
+def print_dry_run(config: TrainingConfig) -> None:
+    processes = int(os.environ.get("WORLD_SIZE", "0")) or config.num_processes
     model = build_model(config.model, device="meta")  # shapes only: no memory for the weights
-    cuda = torch.cuda.is_available()
+    plan = RunPlan(config, processes, torch.cuda.is_available(), count_parameters(model))
     print("dry run: nothing is allocated or trained")
-    for line in plan_lines(config, processes, model):
+    for line in plan.lines():
         print(line)
-    print(f"precision: {effective_mixed_precision(config, cuda)} on {'CUDA' if cuda else 'CPU'}"
-          f"{'' if cuda else f' (the config asks for {config.mixed_precision} on GPU)'}; torch.compile: {config.compile_model}")
     print(f"checkpoints: every {config.save_steps} steps to {config.output_dir}"
           f"{' and ' + config.checkpoint_bucket if config.checkpoint_bucket else ''}, keep {config.save_total_limit}")

@@ -11,6 +11,10 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. resume with --r
 INTERRUPTED_EXIT_CODE = 130  # second Ctrl-C: the shell's convention for death by SIGINT
 
 
+class Preempted(Exception):
+    """Raised once the run has stopped for a signal (after its emergency checkpoint, if it had trained at all)."""
+
+
 class PreemptionFlag:
     def __init__(self, exit_code_file: str | None = None) -> None:
         self._exit_code_file = exit_code_file  # where the launcher reads our exit code (accelerate launch masks it)
@@ -41,6 +45,11 @@ class PreemptionFlag:
     @property
     def requested(self) -> bool:
         return self._event.is_set()
+
+    def raise_if_requested(self) -> None:
+        """Between set-up stages: a signal before step 1 ends the run at once, as nothing new needs saving."""
+        if self._event.is_set():
+            raise Preempted(self.signal_name)
 
     def grace_left(self, grace_seconds: float) -> float:
         return max(0.0, grace_seconds - (time.monotonic() - self.received_at))

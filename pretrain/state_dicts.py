@@ -46,3 +46,14 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
+
+
+def snapshot(state: Any) -> Any:
+    """A host-memory copy of every tensor in a nested state, so training can change the originals at once."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True).contiguous()  # contiguous: safetensors requires it
+    if isinstance(state, dict):
+        return {key: snapshot(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(value) for value in state)
+    return state

@@ -1,0 +1,43 @@
+"""Held-out loss: the same batches at every evaluation, every `eval_steps` steps and after the last one."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+from configs import TrainingConfig
+from pretrain.data import TokenSamples, make_eval_batches
+
+
+class Evaluator:
+    def __init__(self, config: TrainingConfig, accelerator: Accelerator, data: TokenSamples | None) -> None:
+        self.config = config
+        self.accelerator = accelerator
+        self.data = data
+
+    def due(self, step: int) -> bool:
+        """Every eval_steps, and always after the last step (before its checkpoint, so best_eval_loss includes it)."""
+        every = self.config.eval_steps
+        return self.data is not None and (step == self.config.max_steps or (every > 0 and step % every == 0))
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """Mean loss over the eval batches of every process (one host sync)."""
+        config, accelerator = self.config, self.accelerator
+        model.eval()
+        total = torch.zeros((), device=accelerator.device)
+        count = 0
+        with torch.no_grad():
+            for input_ids in make_eval_batches(self.data, config.per_device_train_batch_size,
+                                               accelerator.process_index, accelerator.num_processes,
+                                               config.eval_batches):
+                input_ids = input_ids.to(accelerator.device)
+                total += model(input_ids=input_ids, labels=input_ids).loss.detach()
+                count += 1
+        model.train()
+        return accelerator.reduce(total / count, reduction="mean").item()
+
+
+def eval_values(loss: float) -> dict[str, float]:
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
