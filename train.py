@@ -1,8 +1,9 @@
 """Entry point: parse the config, build the trainer, run it, map the outcome to an exit code.
 
 Run through `./start_training.sh` (which calls `accelerate launch train.py ...`) or directly.
-Exit codes: 0 done, 2 bad input (config, data, checkpoint, bucket), 3 too many non-finite steps,
-75 preempted after an emergency checkpoint (resume with --resume latest), 1 anything unexpected.
+Exit codes: 0 done, 1 anything unexpected, 2 bad input (config, data, checkpoint, bucket, a checkpoint that could not
+be written), 3 too many non-finite steps, 4 the newest checkpoint is only on local disk (its upload failed),
+75 stopped by a signal (after an emergency checkpoint once training started; rerun with --resume auto).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 1, 2, 3
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_NOT_UPLOADED = 0, 1, 2, 3, 4
 
 
 def _setup_logging() -> None:
@@ -28,10 +29,20 @@ def _setup_logging() -> None:
 
 
 def _record_for_launcher(name: str, value: str) -> None:
-    """start_training.sh reads pid files (to forward signals) and the exit code (accelerate launch masks it)."""
+    """start_training.sh reads pid files (to forward signals) and the exit code (accelerate launch masks it).
+
+    One value and a newline per file, renamed into place so the launcher never reads half of it; a launcher that is
+    already gone (its folder removed) reads nothing, so nothing is written.
+    """
     launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
-    if launch_dir:
-        Path(launch_dir, name).write_text(value)
+    if not launch_dir:
+        return
+    partial = Path(launch_dir, f".{name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(f"{value}\n")
+        partial.replace(Path(launch_dir, name))
+    except FileNotFoundError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,22 +62,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     from pretrain.checkpoint import CheckpointError
-    from pretrain.loop import NonFiniteLoss, Preempted, Trainer
-    from pretrain.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+    from pretrain.checkpointer import CheckpointNotUploaded
+    from pretrain.loop import NonFiniteLoss, Trainer
+    from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
     from pretrain.storage import StorageError, redact
 
     rank = os.environ.get("RANK", "0")
-    _record_for_launcher(f"rank{rank}.pid", str(os.getpid()))
     launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
     preemption = PreemptionFlag(str(Path(launch_dir, "exit_code")) if launch_dir and rank == "0" else None)
     preemption.install()
+    # Only now: the launcher sends signals to the pids it finds, and before install() one would kill this process.
+    _record_for_launcher(f"rank{rank}.pid", str(os.getpid()))
     log = logging.getLogger("train")
     try:
         Trainer(config, preemption).run()
         code = EXIT_OK
     except Preempted as signal_name:
-        log.warning("stopped by %s after writing an emergency checkpoint; continue with --resume latest", signal_name)
+        log.warning("stopped by %s; run the same command with --resume auto to continue", signal_name)
         code = PREEMPTED_EXIT_CODE
+    except CheckpointNotUploaded as error:
+        log.error("error: %s", redact(str(error)))
+        code = EXIT_NOT_UPLOADED
     except NonFiniteLoss as error:
         log.error("%s", error)
         code = EXIT_NONFINITE
