@@ -6,7 +6,8 @@
 #                 --nodes N --node-rank R --main-address HOST --main-port PORT
 # Every other flag goes to train.py (--resume, --max-steps, --save-steps, ...; see --help).
 # SIGTERM/SIGINT are forwarded to every training process, which writes an emergency checkpoint
-# and exits with 75; the exit code of train.py is returned.
+# and exits with 75; the exit code of train.py is returned (0 done, 1 unexpected, 2 bad input,
+# 3 non-finite losses, 4 newest checkpoint only on local disk, 75 preempted, 130 second Ctrl-C).
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -25,36 +26,85 @@ mapfile -d '' command < <(python -m pretrain.launch "$@")
 [ "${#command[@]}" -gt 0 ] || exit 2
 printf 'running:'; printf ' %q' "${command[@]}"; echo
 
+ORPHAN_GRACE_SECONDS=90  # above the default preemption grace (25 s) plus a step and a save
 launch_dir=$(mktemp -d)
-trap 'rm -rf "$launch_dir"' EXIT
+launcher=''
+trap clean_up EXIT
 export PRETRAIN_LAUNCH_DIR=$launch_dir
-
+# Each rank writes rankN.pid, one pid and a newline, once its signal handler is installed.
 training_pids() { cat "$launch_dir"/rank*.pid 2>/dev/null; }
-forward() {
-  local pids
-  pids=$(training_pids)
-  if [ -n "$pids" ]; then
-    echo "start_training.sh: forwarding SIG$1 to training processes $(echo $pids)" >&2
-    kill -s "$1" $pids 2>/dev/null
+# A pid of this run, not one the system has since reused: it carries this run's launch folder in its environment.
+ours() {
+  if [ -r "/proc/$1/environ" ]; then
+    grep -qzxF "PRETRAIN_LAUNCH_DIR=$launch_dir" "/proc/$1/environ" 2>/dev/null
   else
-    kill -s "$1" "$launcher" 2>/dev/null  # still starting up: nothing to checkpoint yet
+    kill -0 "$1" 2>/dev/null
   fi
 }
 
-# Its own session, so a terminal's Ctrl-C reaches only this script, which forwards it to the
-# training processes: the launcher itself must keep waiting while they write their checkpoint.
+# The signal reaches every rank, also one that starts after it arrived: deliver() runs again until the launcher ends.
+pending='' signals=0
+declare -A told=()  # pid -> how many signals it has been sent
+on_signal() {
+  pending=$1
+  signals=$((signals + 1))
+  [ -n "$(training_pids)" ] || echo "start_training.sh: SIG$1 received while starting up; the training processes get it as soon as they are ready" >&2
+  deliver
+}
+deliver() {
+  local pid fresh=()
+  for pid in $(training_pids); do
+    if [ "${told[$pid]:-0}" -lt "$signals" ] && ours "$pid"; then
+      told[$pid]=$signals
+      fresh+=("$pid")
+    fi
+  done
+  [ "${#fresh[@]}" -gt 0 ] || return 0
+  echo "start_training.sh: forwarding SIG$pending to training processes ${fresh[*]}" >&2
+  kill -s "$pending" "${fresh[@]}" 2>/dev/null
+}
+leftovers() {
+  local pid
+  for pid in $(training_pids); do ours "$pid" && echo "$pid"; done
+}
+# Nothing of this run outlives it, and the folder the ranks write to goes only after they are gone.
+clean_up() {
+  local stray
+  stray=$(leftovers)
+  if [ -n "$stray" ]; then
+    echo "start_training.sh: training processes $(echo $stray) still running after the launcher ended; killing them" >&2
+    kill -s KILL $stray 2>/dev/null
+  fi
+  # accelerate's own process group, where a single training process lives
+  [ -z "$launcher" ] || kill -s KILL -- "-$launcher" 2>/dev/null
+  rm -rf "$launch_dir"
+}
+
+# Its own session, so a terminal's Ctrl-C reaches only this script, which passes it to the training processes
+# (not to accelerate, which would stop them before their emergency checkpoint is written).
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
 setsid "${command[@]}" &
 launcher=$!
-trap 'forward TERM' TERM
-trap 'forward INT' INT
-status=0
 while kill -0 "$launcher" 2>/dev/null; do
-  wait "$launcher"
-  status=$?
+  if [ -n "$pending" ]; then
+    sleep 0.2  # a signal is waiting for ranks that have not started yet: look for their pid files
+    deliver
+  else
+    wait "$launcher"  # returns early when a trap runs
+  fi
 done
-for pid in $(training_pids); do
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
-done
+wait "$launcher"
+status=$?
+# The launcher waits for its ranks, so they outlive it only when it was killed: they stop as if preempted, within
+# the bound below, and clean_up kills what is still there.
+stray=$(leftovers)
+if [ -n "$stray" ]; then
+  echo "start_training.sh: the launcher ended (status $status) before training processes $(echo $stray); stopping them" >&2
+  kill -s TERM $stray 2>/dev/null
+  deadline=$((SECONDS + ORPHAN_GRACE_SECONDS))
+  while [ -n "$(leftovers)" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+fi
 if [ -s "$launch_dir/exit_code" ]; then
   status=$(cat "$launch_dir/exit_code")
 fi

@@ -1,12 +1,14 @@
 """Builds the `accelerate launch ... train.py ...` command for start_training.sh.
 
-Prints it NUL-separated (as `env K=V ... accelerate launch ...`) so the shell runs it without re-parsing;
+Prints it NUL-separated (as `env K=V ... python -m pretrain.accelerate_quietly launch ...`: accelerate launch with
+one-line errors) so the shell runs it without re-parsing;
 the human-readable plan goes to stderr. Config flags are validated here, before anything is spawned.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +18,9 @@ from pretrain.cli import parse_config
 
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 STRATEGIES = ("ddp", "fsdp")
+# torchrun's agent SIGKILLs the ranks this long after passing on a SIGTERM; they need the grace period plus the
+# time to finish the step they are in and leave the process group.
+SHUTDOWN_MARGIN_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,8 @@ def accelerate_config_file(gpus: int, strategy: str, nodes: int) -> Path:
 
 
 def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -> tuple[list[str], list[str]]:
-    """(command, plan lines). The command is `env K=V ... accelerate launch [flags] train.py [train flags]`."""
+    """(command, plan lines). The command is `env K=V ... python -m pretrain.accelerate_quietly launch [flags] train.py
+    [train flags]`."""
     config = parse_config(request.train_args)
     gpus = available_gpus if request.gpus is None else request.gpus
     if request.cpu_processes and gpus:
@@ -116,13 +122,15 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
         env["OMP_NUM_THREADS"] = str(max(1, cpu_count // processes_per_node))
         device = f"CPU, {processes_per_node} process{'es' if processes_per_node > 1 else ''}"
     processes = processes_per_node * request.nodes
+    if processes > 1:
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(math.ceil(config.preemption_grace_seconds) + SHUTDOWN_MARGIN_SECONDS)
     tokens = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes * config.seq_len
     plan = [
         f"config {request.config_name} on {device}, mixed precision {precision}",
         f"batch: {config.per_device_train_batch_size} per device x {config.gradient_accumulation_steps} accumulation x "
         f"{processes} processes x {config.seq_len} seq len = {tokens:,} tokens per optimizer step",
     ]
-    command = ["accelerate", "launch", *flags, "train.py", *request.train_args]
+    command = ["python", "-m", "pretrain.accelerate_quietly", "launch", *flags, "train.py", *request.train_args]
     env_words = [f"{key}={value}" for key, value in env.items()]
     return ["env", *env_words, *command], plan
 

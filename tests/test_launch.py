@@ -9,7 +9,8 @@ def command_for(argv, gpus=0, cores=2):
     command, plan = build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=cores)
     launch = command.index("launch")
     script = command.index("train.py")
-    return command[:launch - 1], command[launch + 1:script], command[script + 1:], plan
+    assert command[launch - 3:launch] == ["python", "-m", "pretrain.accelerate_quietly"]
+    return command[:launch - 3], command[launch + 1:script], command[script + 1:], plan
 
 
 def test_cpu_single_process_uses_cpu_flag_and_all_cores():
@@ -25,6 +26,14 @@ def test_cpu_processes_use_multi_gpu_flag_so_gloo_really_runs_n_processes():
     assert "--multi_gpu" in flags and "--cpu" not in flags
     assert flags[flags.index("--num_processes") + 1] == "2"
     assert env[1] == "OMP_NUM_THREADS=1"
+    assert env[2] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=85"  # the test config's 25 s grace period + 60 s
+
+
+def test_torchrun_waits_longer_than_the_emergency_checkpoints_grace_period_before_sigkill():
+    env, _, _, _ = command_for(["--config", "test", "--cpu-processes", "2", "--preemption-grace-seconds", "100.5"])
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=161" in env
+    env, _, _, _ = command_for(["--config", "test"])
+    assert not any(word.startswith("TORCH_ELASTIC") for word in env)  # one process: no torchrun agent
 
 
 def test_production_on_two_gpus_prints_the_batch_arithmetic():

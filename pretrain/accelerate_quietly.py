@@ -1,0 +1,104 @@
+"""`accelerate launch`, run in-process so that a failed run ends with the training's own last line and exit code.
+
+Accelerate reports a failed child as a CalledProcessError or torchrun's ChildFailedError traceback; here either becomes
+the code rank 0 recorded in $PRETRAIN_LAUNCH_DIR/exit_code, or one line of ours when no rank could record one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+EXIT_UNEXPECTED = 1
+
+# What torchrun's agent logs on an ordinary ending (a preempted or failed rank, the others told to stop): the
+# training has said what happened, so these would only push its line up. "Unable to shutdown" (a SIGKILL) stays.
+ROUTINE_AGENT_MESSAGES = (
+    "Sending process %s closing signal %s",
+    "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s",
+    "Received %s death signal, shutting down workers",
+    "Got termination signal: %s",
+)
+
+
+def _drop_routine_agent_messages() -> None:
+    def routine(record: logging.LogRecord) -> bool:
+        return record.msg not in ROUTINE_AGENT_MESSAGES
+
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(routine)
+
+
+def _stop_workers_within_shutdown_timeout(self: LocalElasticAgent, worker_group) -> None:  # noqa: ARG001
+    """torch 2.13 gives the other ranks a fixed 30 s (then SIGKILL) once one rank exits; rank 0 may still be writing
+    the emergency checkpoint then, so they get TORCH_ELASTIC_SHUTDOWN_TIMEOUT, as on a signal to the agent."""
+    self._shutdown(timeout=self._shutdown_timeout)
+
+
+def _recorded_exit_code() -> int | None:
+    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
+    if not launch_dir:
+        return None
+    try:
+        return int(Path(launch_dir, "exit_code").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _describe(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
+
+
+def _remember_signal(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """The launcher's signals go to the ranks themselves (start_training.sh); this process only waits for them.
+    A Python handler, not SIG_IGN, so the training processes start with the default disposition."""
+
+
+def run(argv: list[str]) -> int:
+    args = launch_command_parser().parse_args(argv)
+    _drop_routine_agent_messages()
+    LocalElasticAgent._stop_workers = _stop_workers_within_shutdown_timeout
+    # One process runs through accelerate's simple launcher, which dies on SIGTERM/SIGINT and leaves its child behind;
+    # torchrun's agent installs its own handlers (forward to the ranks, wait TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
+    signal.signal(signal.SIGTERM, _remember_signal)
+    signal.signal(signal.SIGINT, _remember_signal)
+    try:
+        launch_command(args)
+        return 0
+    except subprocess.CalledProcessError as error:
+        failure = f"the training process {_describe(error.returncode)}"
+    except ChildFailedError as error:
+        rank, root_cause = error.get_first_failure()
+        failure = f"training process rank {rank} (pid {root_cause.pid}) {_describe(root_cause.exitcode)}"
+    except SignalException as error:
+        failure = f"the launcher got {error.sigval.name} and stopped the training processes"
+    except Exception as error:  # noqa: BLE001 - e.g. the rendezvous port is taken: one line, not accelerate's traceback
+        message = str(error).strip().splitlines() or [type(error).__name__]
+        print(f"error: accelerate launch failed: {message[0]}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    recorded = _recorded_exit_code()
+    if recorded:
+        return recorded  # the training's own last line says why
+    print(f"error: {failure} before it could report how it ended; its messages are above", file=sys.stderr)
+    return EXIT_UNEXPECTED
+
+
+def main() -> None:
+    if sys.argv[1:2] != ["launch"]:
+        sys.exit("usage: python -m pretrain.accelerate_quietly launch [accelerate launch flags] script [script flags]")
+    sys.exit(run(sys.argv[2:]))
+
+
+if __name__ == "__main__":
+    main()
