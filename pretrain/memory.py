@@ -1,0 +1,394 @@
+"""Per-GPU memory plan of a training layout (DDP or FSDP, activation checkpointing, micro-batch), and the choice of
+the fastest layout that fits a GPU. Pure arithmetic on the model shape: no torch, nothing allocated."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from configs import ModelConfig
+
+GIB = 1 << 30
+
+# What one card of each class really offers (torch.cuda.mem_get_info's total, GiB), for the README's table and
+# for planning without a GPU: the 24 GB class is A10G/L4 (22.5 GiB; an RTX 4090 has 24.0), A100 40 GB has 39.4,
+# A100/H100 80 GB have 79.1.
+USABLE_GIB = {24: 22.5, 40: 39.4, 80: 79.1}
+
+# CUDA context, cuBLAS/cuDNN workspaces and kernels loaded by torch (measured ~0.6-0.9 GiB on A100/H100 with
+# torch 2.x); NCCL's buffers and streams when there is more than one process.
+CUDA_CONTEXT_BYTES = int(1.0 * GIB)
+NCCL_BYTES = int(0.5 * GIB)
+# The caching allocator rounds and fragments: reserved memory runs some percent above the allocated peak.
+FRAGMENTATION = 0.05
+# A layout "fits" only with this much left over: 5% of the card, at least 1 GiB.
+MIN_HEADROOM_FRACTION = 0.05
+MIN_HEADROOM_BYTES = 1 * GIB
+
+# Relative step time of a layout, to rank those that fit: FSDP's all-gathers and reduce-scatters mostly overlap
+# compute on one machine; each halving of the micro-batch costs a little GPU efficiency (smaller matmuls, more
+# launches per token); activation checkpointing recomputes the forward pass (+1/3 of the FLOPs).
+_FSDP_COST = 1.03
+_HALVING_COST = 1.06
+_CHECKPOINTING_COST = 4 / 3
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Parameters of transformers' GPTNeoXForCausalLM with this shape (the same count the built model reports)."""
+    h, f, v = model.hidden_size, model.intermediate_size, model.vocab_size
+    return v * h * (1 if model.tie_word_embeddings else 2) + model.num_hidden_layers * _layer_parameters(model) + 2 * h
+
+
+def _layer_parameters(model: ModelConfig) -> int:
+    h, f = model.hidden_size, model.intermediate_size
+    # two LayerNorms, fused QKV, attention output, and the MLP's two matrices, all with biases
+    return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+
+
+def layer_activation_bytes(
+    model: ModelConfig, seq_len: int, micro_batch: int, compute_bytes: int, residual_bytes: int, flash: bool = True
+) -> int:
+    """Bytes one GPT-NeoX layer saves for its backward pass (eager autograd; torch.compile saves at most this).
+
+    Counted from what each op saves (checked against saved-tensor hooks in tests/test_memory_plan.py): the
+    residual stream x (dtype of the weights: fp32 under autocast with fp32 weights, bf16 under FSDP's bf16
+    parameters), the low-precision inputs of the QKV, attention-output and MLP matrices, the QKV output (V is a
+    view of it), Q and K after rotary, the attention output and its contiguous copy, and the MLP's activation input
+    and output. With flash/cuDNN/memory-efficient SDPA nothing of size seq^2 is kept; the math kernel keeps the
+    attention probabilities (and fp32 scores) per head.
+    """
+    bs = micro_batch * seq_len
+    h, f, heads = model.hidden_size, model.intermediate_size, model.num_attention_heads
+    hidden = bs * h * (residual_bytes + 9 * compute_bytes)
+    if not model.use_parallel_residual:
+        hidden += bs * h * residual_bytes  # the MLP's LayerNorm reads x + attention, a tensor of its own
+    mlp = 2 * bs * f * compute_bytes
+    small = 16 * bs + 4 * bs * heads  # LayerNorm mean/rstd, attention log-sum-exp
+    scores = 0 if flash else micro_batch * heads * seq_len * seq_len * (compute_bytes + 4)
+    return hidden + mlp + small + scores
+
+
+def saved_for_backward_bytes(
+    model: ModelConfig,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    mixed_precision: str,
+    fsdp: bool,
+    activation_checkpointing: bool,
+    flash_attention: bool = True,
+) -> int:
+    """Bytes autograd keeps from the forward pass to the backward pass, parameters and autocast's weight copies
+    excepted: every layer's saved tensors (or, checkpointed, its input only), the final LayerNorm's and output
+    projection's inputs, and log_softmax's fp32 output over the vocabulary."""
+    low = 4 if mixed_precision == "no" else 2
+    residual = 4 if (low == 4 or not fsdp) else 2
+    tokens = micro_batch * seq_len
+    if activation_checkpointing:
+        layers = model.num_hidden_layers * tokens * model.hidden_size * residual
+    else:
+        layers = model.num_hidden_layers * layer_activation_bytes(
+            model, seq_len, micro_batch, low, residual, flash_attention
+        )
+    final = tokens * model.hidden_size * (residual + low) + 16 * tokens
+    return layers + final + 4 * tokens * model.vocab_size
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per GPU. `total` is the expected peak of the whole process, `headroom` what the card has left."""
+
+    strategy: str  # "ddp" (one GPU: no wrapper) or "fsdp" (FULL_SHARD, one unit per layer)
+    activation_checkpointing: bool
+    num_gpus: int
+    micro_batch: int
+    accumulation: int
+    seq_len: int
+    mixed_precision: str
+    gpu_memory_bytes: int
+    weights: int
+    gradients: int
+    optimizer: int
+    low_precision_weights: int  # autocast's bf16/fp16 copies of fp32 weights, kept for the backward pass
+    ddp_buckets: int
+    fsdp_unsharded: int  # all-gathered parameters (and gradients) of the units in flight, no_sync gradients
+    activations: int  # saved by all layers for the backward pass, plus one layer's backward working set
+    logits_and_loss: int
+    optimizer_step_temporaries: int  # foreach AdamW's intermediates; the step runs after activations are freed
+    overhead: int  # CUDA context, NCCL, allocator fragmentation
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.ddp_buckets
+
+    @property
+    def total(self) -> int:
+        transient = max(
+            self.low_precision_weights + self.fsdp_unsharded + self.activations + self.logits_and_loss,
+            self.optimizer_step_temporaries,
+        )
+        return self.static + transient + self.overhead
+
+    @property
+    def headroom(self) -> int:
+        return self.gpu_memory_bytes - self.total
+
+    @property
+    def verdict(self) -> str:
+        if self.headroom < 0:
+            return "does not fit"
+        if self.headroom < max(MIN_HEADROOM_BYTES, int(MIN_HEADROOM_FRACTION * self.gpu_memory_bytes)):
+            return "tight"
+        return "fits"
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict == "fits"
+
+    def describe_layout(self) -> str:
+        checkpointing = " + activation checkpointing" if self.activation_checkpointing else ""
+        strategy = "1 GPU" if self.num_gpus == 1 else f"{self.strategy.upper()} on {self.num_gpus} GPUs"
+        return f"{strategy}{checkpointing}, micro-batch {self.micro_batch} x accumulation {self.accumulation}"
+
+    def lines(self) -> list[str]:
+        rows = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer state (AdamW)", self.optimizer),
+            ("low-precision weight copies", self.low_precision_weights),
+            ("DDP gradient buckets", self.ddp_buckets),
+            ("FSDP unsharded params/grads", self.fsdp_unsharded),
+            ("activations" + (" (checkpointed)" if self.activation_checkpointing else ""), self.activations),
+            ("logits and loss", self.logits_and_loss),
+            ("optimizer step temporaries", self.optimizer_step_temporaries),
+            ("CUDA context, NCCL, fragmentation", self.overhead),
+        ]
+        out = [f"memory plan per GPU: {self.describe_layout()}, {self.mixed_precision}"]
+        out += [f"  {name:<36}{value / GIB:8.2f} GiB" for name, value in rows if value]
+        out.append(f"  {'peak (expected)':<36}{self.total / GIB:8.2f} GiB of {self.gpu_memory_bytes / GIB:.1f} GiB")
+        out.append(f"  {'headroom':<36}{self.headroom / GIB:8.2f} GiB: {self.verdict}")
+        return out
+
+
+def plan_memory(
+    model: ModelConfig,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    accumulation: int,
+    num_gpus: int,
+    strategy: str,
+    activation_checkpointing: bool,
+    mixed_precision: str,
+    gpu_memory_gib: float,
+    fused_optimizer: bool = True,
+    flash_attention: bool = True,
+    ddp_gradient_as_bucket_view: bool = False,
+    fsdp_sync_each_micro_batch: bool = False,
+) -> MemoryPlan:
+    """The memory of one GPU for a layout; see MemoryPlan. Assumptions (those of pretrain/loop.py today):
+
+    AdamW with fp32 moments; mixed precision by autocast over fp32 weights under DDP, by FSDP's bf16/fp16
+    parameters under FSDP (Accelerate's policy); DDP without gradient_as_bucket_view (Accelerate's default: a
+    second fp32 copy of the gradients); FSDP1 FULL_SHARD with one unit per GPTNeoXLayer, whose no_sync (used by
+    Accelerate's accumulate) keeps every unit's unsharded gradient between micro-batches.
+    """
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy {strategy!r}: expected 'ddp' or 'fsdp'")
+    if mixed_precision not in ("bf16", "fp16", "no"):
+        raise ValueError(f"mixed_precision {mixed_precision!r}: expected 'bf16', 'fp16' or 'no'")
+    if min(seq_len, micro_batch, accumulation, num_gpus) < 1 or gpu_memory_gib <= 0:
+        raise ValueError("seq_len, micro_batch, accumulation and num_gpus must be >= 1 and gpu_memory_gib > 0")
+
+    params = parameter_count(model)
+    layer_params = _layer_parameters(model)
+    root_params = params - model.num_hidden_layers * layer_params  # embeddings, output projection, final norm
+    low = 4 if mixed_precision == "no" else 2
+    fsdp = strategy == "fsdp" and num_gpus > 1
+    shards = num_gpus if fsdp else 1
+
+    weights = 4 * params // shards
+    gradients = 4 * params // shards
+    optimizer = 8 * params // shards
+    ddp_buckets = 4 * params if (not fsdp and num_gpus > 1 and not ddp_gradient_as_bucket_view) else 0
+    # Autocast casts each fp32 matrix once per forward and the matmul keeps the copy for its backward pass.
+    matmul_params = params - model.vocab_size * model.hidden_size - (2 * model.num_hidden_layers + 2) * model.hidden_size
+    low_precision_weights = 2 * matmul_params if (low == 2 and not fsdp) else 0
+    fsdp_unsharded = 0
+    if fsdp:
+        # FSDP1 keeps the root unit (embeddings, output projection) gathered from forward to backward, plus the
+        # layer being computed and the one prefetched; their gradients exist unsharded until reduce-scattered.
+        in_flight = low * (root_params + 2 * layer_params)
+        no_sync_grads = low * params if (accumulation > 1 and not fsdp_sync_each_micro_batch) else in_flight
+        fsdp_unsharded = in_flight + no_sync_grads
+
+    saved = saved_for_backward_bytes(
+        model, seq_len=seq_len, micro_batch=micro_batch, mixed_precision=mixed_precision, fsdp=fsdp,
+        activation_checkpointing=activation_checkpointing, flash_attention=flash_attention,
+    )
+    tokens = micro_batch * seq_len
+    residual = 4 if (low == 4 or not fsdp) else 2
+    # The backward pass of one layer at a time holds its gradients' working set (about the layer's own saved
+    # bytes); with checkpointing, the recomputed layer's activations come on top.
+    working = layer_activation_bytes(model, seq_len, micro_batch, low, residual, flash_attention)
+    activations = saved - 4 * tokens * model.vocab_size + working * (2 if activation_checkpointing else 1)
+    # transformers' loss upcasts the logits to fp32; log_softmax keeps its fp32 output for the backward pass, which
+    # then holds the incoming gradient and log_softmax's gradient (fp32 each) at once.
+    logits_and_loss = 12 * tokens * model.vocab_size
+
+    # foreach AdamW materialises sqrt(v) for a whole parameter group before the update; the fused kernel does not.
+    optimizer_step_temporaries = 0 if fused_optimizer else 4 * params // shards
+
+    allocated = (
+        weights + gradients + optimizer + ddp_buckets
+        + max(low_precision_weights + fsdp_unsharded + activations + logits_and_loss, optimizer_step_temporaries)
+    )
+    overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if num_gpus > 1 else 0) + int(FRAGMENTATION * allocated)
+    return MemoryPlan(
+        strategy="fsdp" if fsdp else "ddp",
+        activation_checkpointing=activation_checkpointing,
+        num_gpus=num_gpus,
+        micro_batch=micro_batch,
+        accumulation=accumulation,
+        seq_len=seq_len,
+        mixed_precision=mixed_precision,
+        gpu_memory_bytes=int(gpu_memory_gib * GIB),
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        low_precision_weights=low_precision_weights,
+        ddp_buckets=ddp_buckets,
+        fsdp_unsharded=fsdp_unsharded,
+        activations=activations,
+        logits_and_loss=logits_and_loss,
+        optimizer_step_temporaries=optimizer_step_temporaries,
+        overhead=overhead,
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    strategy: str  # "ddp" | "fsdp"
+    activation_checkpointing: bool
+    micro_batch: int
+    accumulation: int  # micro_batch * accumulation is the same as asked: the global batch never changes
+    plan: MemoryPlan
+    reason: str  # one line for the console
+
+    @property
+    def fits(self) -> bool:
+        return self.plan.fits
+
+
+def choose_layout(
+    model: ModelConfig,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    accumulation: int,
+    num_gpus: int,
+    mixed_precision: str,
+    gpu_memory_gib: float,
+    strategy: str = "auto",
+    activation_checkpointing: str | bool = "auto",
+    fused_optimizer: bool = True,
+    ddp_gradient_as_bucket_view: bool = False,
+    fsdp_sync_each_micro_batch: bool = False,
+) -> Layout:
+    """The fastest layout that fits with headroom, for `--strategy auto|ddp|fsdp` and
+    `--gradient-checkpointing auto|true|false`; a choice that is not "auto" is kept as given.
+
+    Candidates: DDP or FSDP, with or without activation checkpointing, at the asked micro-batch or a divisor of
+    it (accumulation grows so the global batch stays the same), ranked by an estimated step time (FSDP x1.03,
+    each halving of the micro-batch x1.06, checkpointing x4/3). When nothing fits, the layout with the smallest
+    peak is returned, with fits False and a reason that says so: the caller decides to stop or warn.
+    """
+    strategy = strategy.lower()
+    if strategy not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"--strategy {strategy!r}: expected auto, ddp or fsdp")
+    if isinstance(activation_checkpointing, str):
+        flag = activation_checkpointing.lower()
+        if flag not in ("auto", "true", "false"):
+            raise ValueError(f"--gradient-checkpointing {activation_checkpointing!r}: expected auto, true or false")
+        activation_checkpointing = flag if flag == "auto" else flag == "true"
+
+    strategies = ["ddp", "fsdp"] if strategy == "auto" else [strategy]
+    if num_gpus == 1:
+        strategies = ["ddp"]  # FSDP over one GPU shards nothing and only adds its own buffers
+    checkpointing = [False, True] if activation_checkpointing == "auto" else [activation_checkpointing]
+    micro_batches = [m for m in range(micro_batch, 0, -1) if micro_batch % m == 0]
+
+    candidates = []
+    for m in micro_batches:
+        for s in strategies:
+            for ac in checkpointing:
+                cost = (_FSDP_COST if s == "fsdp" else 1.0) * _HALVING_COST ** math.log2(micro_batch / m)
+                cost *= _CHECKPOINTING_COST if ac else 1.0
+                plan = plan_memory(
+                    model, seq_len=seq_len, micro_batch=m, accumulation=accumulation * (micro_batch // m),
+                    num_gpus=num_gpus, strategy=s, activation_checkpointing=ac, mixed_precision=mixed_precision,
+                    gpu_memory_gib=gpu_memory_gib, fused_optimizer=fused_optimizer,
+                    ddp_gradient_as_bucket_view=ddp_gradient_as_bucket_view,
+                    fsdp_sync_each_micro_batch=fsdp_sync_each_micro_batch,
+                )
+                candidates.append((cost, plan))
+    candidates.sort(key=lambda c: c[0])  # stable: at equal cost, the asked micro-batch and DDP come first
+    fastest = candidates[0][1]
+    for _cost, plan in candidates:
+        if plan.fits:
+            if plan is fastest:
+                reason = f"{plan.describe_layout()}: fits, {plan.headroom / GIB:.1f} GiB headroom"
+            else:
+                first = fastest
+                reason = (
+                    f"{plan.describe_layout()}: the faster {first.describe_layout()} needs "
+                    f"{first.total / GIB:.1f} GiB of {first.gpu_memory_bytes / GIB:.1f} GiB; this one "
+                    f"{plan.total / GIB:.1f} GiB ({plan.headroom / GIB:.1f} GiB headroom)"
+                )
+            return _layout(plan, reason)
+    smallest = min((plan for _, plan in candidates), key=lambda p: p.total)
+    reason = (
+        f"nothing fits {smallest.gpu_memory_bytes / GIB:.1f} GiB per GPU: the smallest layout, "
+        f"{smallest.describe_layout()}, needs {smallest.total / GIB:.1f} GiB; use more or larger GPUs, "
+        f"or a shorter --seq-len"
+    )
+    return _layout(smallest, reason)
+
+
+def _layout(plan: MemoryPlan, reason: str) -> Layout:
+    return Layout(
+        strategy=plan.strategy,
+        activation_checkpointing=plan.activation_checkpointing,
+        micro_batch=plan.micro_batch,
+        accumulation=plan.accumulation,
+        plan=plan,
+        reason=reason,
+    )
+
+
+def measured_gpu_memory_gib(device_index: int = 0) -> float | None:
+    """The card's total memory (torch.cuda.mem_get_info) when a GPU is there, else None: plan with a given size."""
+    import torch  # only here: the plan itself is pure arithmetic
+
+    if not torch.cuda.is_available():
+        return None
+    _free, total = torch.cuda.mem_get_info(device_index)
+    return total / GIB
+
+
+def plan_for_config(config, *, num_gpus: int, gpu_memory_gib: float, strategy: str = "auto",
+                    activation_checkpointing: str | bool = "auto") -> Layout:
+    """choose_layout with a TrainingConfig's shape, batch and precision."""
+    return choose_layout(
+        config.model, seq_len=config.seq_len, micro_batch=config.per_device_train_batch_size,
+        accumulation=config.gradient_accumulation_steps, num_gpus=num_gpus, mixed_precision=config.mixed_precision,
+        gpu_memory_gib=gpu_memory_gib, strategy=strategy, activation_checkpointing=activation_checkpointing,
+    )
+
+
+def with_layout(config, layout: Layout):
+    """The config with the layout's micro-batch and accumulation (the global batch is unchanged)."""
+    return dataclasses.replace(
+        config, per_device_train_batch_size=layout.micro_batch, gradient_accumulation_steps=layout.accumulation
+    )
