@@ -1,0 +1,342 @@
+"""python -m pretrain.prepare_data: real text round-trips through the shards in the seeded order, a run killed at
+random moments resumes to byte-identical output, every input format and a bucket URL work, bad input exits 2.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from tokenizers import Tokenizer
+
+from pretrain import prepare_data
+from pretrain.prepare_data import document_keys
+from pretrain.sample_text import write_sample_text
+from pretrain.shards import discover_shards, inspect_shards
+from pretrain.storage import open_storage
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET_KEYS = {"format_version", "tokenizer", "vocab_size", "eos_token_id", "dtype", "seq_len_hint", "shards",
+                "sources", "totals", "packing_efficiency", "seed"}
+VOCAB = 600
+KILL_TIMEOUT_SECONDS = 120
+
+
+def prep(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.prepare_data", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def read_documents(path: Path) -> list[tuple[int, str]]:
+    """(byte offset of the line, text) of every line of a .jsonl file."""
+    documents, offset = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        documents.append((offset, json.loads(line)["text"]))
+        offset += len(line)
+    return documents
+
+
+def decoded_documents(out: Path) -> tuple[dict, list[np.ndarray]]:
+    meta = json.loads((out / "dataset.json").read_text())
+    ids = np.concatenate([np.load(out / shard["path"])["input_ids"] for shard in meta["shards"]])
+    ends = np.flatnonzero(ids == meta["eos_token_id"])
+    assert len(ends) and ends[-1] == len(ids) - 1, "the stream must end with EOS"
+    return meta, [doc[:-1] for doc in np.split(ids, ends + 1)[:-1]]
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 400 kB of stdlib docstrings, re-split into four .jsonl files so the run has several sources."""
+    raw = tmp_path_factory.mktemp("sample-text-raw")
+    lines = b"".join(p.read_bytes() for p in write_sample_text(raw, 400_000)).splitlines(keepends=True)
+    folder = tmp_path_factory.mktemp("corpus")
+    for index in range(4):
+        (folder / f"part_{index}.jsonl").write_bytes(b"".join(lines[index::4]))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted reference run with a trained tokenizer."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = prep(str(corpus), "--out", str(out), "--train-tokenizer", "--vocab-size", str(VOCAB),
+                  "--shard-tokens", "7000", "--bucket-tokens", "20000", "--workers", "2", "--seq-len-hint", "128")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def expected_order(corpus: Path, seed: int) -> list[str]:
+    """The documented order: every document sorted by its key hash(seed, source index, byte offset)."""
+    texts, keys = [], []
+    for source_index, path in enumerate(sorted(corpus.glob("*.jsonl"), key=str)):
+        documents = read_documents(path)
+        texts.extend(text for _, text in documents)
+        keys.append(document_keys(seed, np.full(len(documents), source_index), np.array([o for o, _ in documents])))
+    return [texts[i] for i in np.argsort(np.concatenate(keys), kind="stable")]
+
+
+def test_real_text_round_trips_in_the_seeded_order(corpus: Path, trained: Path):
+    meta, documents = decoded_documents(trained)
+    tokenizer = Tokenizer.from_file(str(trained / "tokenizer.json"))
+    expected = expected_order(corpus, seed=0)
+    assert [tokenizer.decode(doc.tolist()) for doc in documents] == expected
+    assert [doc.tolist() for doc in documents] == [tokenizer.encode(t).ids for t in expected]
+    assert set(meta) == DATASET_KEYS
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == VOCAB and meta["seed"] == 0
+    assert meta["tokenizer"]["file"] == "tokenizer.json"
+    assert meta["eos_token_id"] == tokenizer.token_to_id("<|endoftext|>")
+    assert meta["totals"] == {"documents": len(expected),
+                              "tokens": sum(len(d) + 1 for d in documents)}
+    assert [s["num_tokens"] for s in meta["shards"][:-1]] == [7000] * (len(meta["shards"]) - 1)
+    assert meta["seq_len_hint"] == 128 and 0.9 < meta["packing_efficiency"] < 1.0
+    assert len(meta["shards"]) >= 10  # several shards, several shuffle buckets
+    # The corpus order is gone: the first documents of the first shard come from all over the corpus.
+    in_corpus_order = [t for p in sorted(corpus.glob("*.jsonl"), key=str) for _, t in read_documents(p)]
+    assert expected != in_corpus_order
+    # The trainer's own shard checks accept every shard.
+    infos = inspect_shards(trained, discover_shards(trained), 128, meta["vocab_size"])
+    assert [i.to_dict() for i in infos] == meta["shards"]
+
+
+def test_order_does_not_depend_on_workers_or_how_work_is_split(corpus: Path, trained: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(prepare_data, "UNIT_BYTES", 10_000)
+    monkeypatch.setattr(prepare_data, "PART_TOKENS", 3_000)
+    monkeypatch.setattr(prepare_data, "ENCODE_BATCH_CHARS", 5_000)
+    out = tmp_path / "out"
+    code = prepare_data.main([str(corpus), "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"),
+                              "--shard-tokens", "7000", "--bucket-tokens", "5000", "--workers", "1",
+                              "--seq-len-hint", "128"])
+    assert code == 0
+    assert output_files(out) == output_files(trained)
+
+
+def test_other_seed_other_order(corpus: Path, trained: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    result = prep(str(corpus), "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"), "--seed", "7",
+                  "--shard-tokens", "7000", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    _, documents = decoded_documents(out)
+    decoded = [tokenizer.decode(doc.tolist()) for doc in documents]
+    assert decoded == expected_order(corpus, seed=7)
+    assert decoded != expected_order(corpus, seed=0)
+
+
+def test_killed_at_random_moments_resumes_to_identical_output(corpus: Path, trained: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pretrain.prepare_data", str(corpus), "--out", str(out), "--train-tokenizer",
+               "--vocab-size", str(VOCAB), "--shard-tokens", "7000", "--bucket-tokens", "20000", "--workers", "2",
+               "--seq-len-hint", "128"]
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(8):
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        if attempt < 6:
+            deadline = time.monotonic() + rng.uniform(0.5, 4.0)
+            while time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.02)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # the workers too, as a preempted VM would
+                kills += 1
+        _, stderr = process.communicate(timeout=KILL_TIMEOUT_SECONDS)
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL, stderr.decode()
+    assert process.returncode == 0
+    assert kills >= 2, "the delays should have interrupted the run at least twice"
+    assert output_files(out) == output_files(trained)
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=KILL_TIMEOUT_SECONDS)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_rerun_with_other_arguments_is_refused(corpus: Path, trained: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    common = [str(corpus), "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"), "--shard-tokens", "7000"]
+    assert prep(*common, "--workers", "1").returncode == 0
+    refused = prep(*common, "--seed", "3")
+    assert refused.returncode == 2
+    assert len(error_lines(refused)) == 1 and "--seed 0" in refused.stderr and "delete" in refused.stderr
+    assert prep(*common, "--workers", "2").returncode == 0  # the worker count does not change the output
+
+
+@pytest.fixture(scope="session")
+def small_docs(corpus: Path) -> list[str]:
+    return [text for _, text in read_documents(sorted(corpus.glob("*.jsonl"))[0])][:40]
+
+
+def write_formats(folder: Path, documents: list[str]) -> dict[str, list[str]]:
+    """The same documents as .jsonl.gz, .jsonl.zst, parquet (several row groups), and .txt; input args per format."""
+    folder.mkdir(parents=True)
+    lines = b"".join(json.dumps({"text": t, "id": i}).encode() + b"\n" for i, t in enumerate(documents))
+    (folder / "docs.jsonl.gz").write_bytes(gzip.compress(lines, mtime=0))
+    (folder / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"id": list(range(len(documents))), "body": documents}), folder / "docs.parquet",
+                   row_group_size=7)
+    txt = folder / "txt"
+    txt.mkdir()
+    for i, text in enumerate(documents):
+        (txt / f"doc_{i:03d}.txt").write_text(text, encoding="utf-8")
+    (folder / "joined.txt").write_text("\n<doc>\n".join(documents), encoding="utf-8")
+    return {
+        "gz": [str(folder / "docs.jsonl.gz")],
+        "zst": [str(folder / "docs.jsonl.zst")],
+        "parquet": [str(folder / "docs.parquet"), "--text-field", "body"],
+        "txt-files": [str(txt / "*.txt")],
+        "txt-separator": [str(folder / "joined.txt"), "--separator", "\n<doc>\n"],
+    }
+
+
+@pytest.mark.parametrize("form", ["gz", "zst", "parquet", "txt-files", "txt-separator"])
+def test_every_input_format(form: str, small_docs: list[str], trained: Path, tmp_path: Path):
+    inputs = write_formats(tmp_path / "in", small_docs)[form]
+    out = tmp_path / "out"
+    result = prep(*inputs, "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"), "--workers", "2",
+                  "--shard-tokens", "3000")
+    assert result.returncode == 0, result.stderr
+    meta, documents = decoded_documents(out)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    decoded = [tokenizer.decode(doc.tolist()) for doc in documents]
+    assert sorted(decoded) == sorted(small_docs)
+    assert decoded != small_docs
+    assert meta["totals"]["documents"] == len(small_docs)
+
+
+def test_output_to_a_bucket_url(corpus: Path, trained: Path, tmp_path: Path):
+    url = (tmp_path / "bucket" / "datasets" / "stdlib").as_uri()
+    result = prep(str(corpus), "--out", url, "--tokenizer", str(trained / "tokenizer.json"), "--shard-tokens", "7000",
+                  "--bucket-tokens", "20000", "--seq-len-hint", "128", "--work-dir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    storage = open_storage(url)
+    keys = [info.key for info in storage.list()]
+    assert keys == sorted(output_files(trained))
+    for key in keys:
+        storage.download(key, tmp_path / "fetched" / key)
+    assert output_files(tmp_path / "fetched") == output_files(trained)
+    assert not (tmp_path / "work" / "stage").exists()  # the staged copy is removed once uploaded
+
+
+def test_s3_input_and_output(small_docs: list[str], trained: Path, tmp_path: Path, new_bucket, activate):
+    bucket = activate(new_bucket("s3"))
+    inputs = open_storage(bucket.url + "/raw")
+    local = tmp_path / "docs.jsonl.gz"
+    local.write_bytes(gzip.compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in small_docs), mtime=0))
+    inputs.upload(local, "a/docs.jsonl.gz")
+    code = prepare_data.main([bucket.url + "/raw/a/*.jsonl.gz", "--out", bucket.url + "/prepared", "--tokenizer",
+                              str(trained / "tokenizer.json"), "--shard-tokens", "3000",
+                              "--work-dir", str(tmp_path / "work")])
+    assert code == 0
+    out = open_storage(bucket.url + "/prepared")
+    for info in out.list():
+        out.download(info.key, tmp_path / "fetched" / info.key)
+    meta, documents = decoded_documents(tmp_path / "fetched")
+    assert meta["sources"][0]["url"] == bucket.url + "/raw/a/docs.jsonl.gz"
+    assert len(documents) == len(small_docs)
+
+
+def bad_jsonl(tmp_path: Path) -> list[str]:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"content": "hello"}\n')
+    return [str(path), "--train-tokenizer", "--vocab-size", "300"]
+
+
+def corrupt_gz(tmp_path: Path) -> list[str]:
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(b"this is not gzip data at all")
+    return [str(path), "--train-tokenizer", "--vocab-size", "300"]
+
+
+def corrupt_parquet(tmp_path: Path) -> list[str]:
+    path = tmp_path / "a.parquet"
+    path.write_bytes(b"PAR1 truncated")
+    return [str(path), "--train-tokenizer", "--vocab-size", "300"]
+
+
+def empty_corpus(tmp_path: Path) -> list[str]:
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.txt").write_text("")
+    return [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt"), "--train-tokenizer", "--vocab-size", "300"]
+
+
+def missing_input(tmp_path: Path) -> list[str]:
+    return [str(tmp_path / "nope.jsonl"), "--train-tokenizer", "--vocab-size", "300"]
+
+
+def vocab_too_large(tmp_path: Path, tokenizer: Path) -> list[str]:
+    (tmp_path / "a.txt").write_text("some text")
+    return [str(tmp_path / "a.txt"), "--tokenizer", str(tokenizer), "--max-vocab-size", "512"]
+
+
+def no_vocab_size(tmp_path: Path) -> list[str]:
+    (tmp_path / "a.txt").write_text("some text")
+    return [str(tmp_path / "a.txt"), "--train-tokenizer"]
+
+
+def not_a_tokenizer(tmp_path: Path) -> list[str]:
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "tok.json").write_text("{}")
+    return [str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tok.json")]
+
+
+@pytest.mark.parametrize("make, named", [
+    (bad_jsonl, "a.jsonl"), (corrupt_gz, "a.jsonl.gz"), (corrupt_parquet, "a.parquet"), (empty_corpus, "a.jsonl"),
+    (missing_input, "nope.jsonl"), (vocab_too_large, "--max-vocab-size"), (no_vocab_size, "--vocab-size"),
+    (not_a_tokenizer, "tok.json"),
+])
+def test_bad_input_is_one_line_and_exit_2(make, named: str, trained: Path, tmp_path: Path):
+    args = make(tmp_path, trained / "tokenizer.json") if make is vocab_too_large else make(tmp_path)
+    result = prep(*args, "--out", str(tmp_path / "out"))
+    lines = error_lines(result)
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and named in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_text_field_deep_in_a_file_stops_with_one_line(trained: Path, tmp_path: Path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "fine"}\n' * 50 + '{"body": "oops"}\n')
+    result = prep(str(path), "--out", str(tmp_path / "out"), "--tokenizer", str(trained / "tokenizer.json"),
+                  "--workers", "2")
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "a.jsonl" in lines[0] and "'text'" in lines[0] and "--text-field" in lines[0]
+
+
+def test_refuses_a_non_empty_output_folder(corpus: Path, trained: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old_shard.npz").write_bytes(b"x")
+    result = prep(str(corpus), "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"))
+    assert result.returncode == 2 and len(error_lines(result)) == 1 and "--out" in result.stderr
+
+
+def test_sample_text_is_deterministic_real_text(tmp_path: Path):
+    first = write_sample_text(tmp_path / "a", 80_000)
+    second = write_sample_text(tmp_path / "b", 80_000)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    total = sum(p.stat().st_size for p in first)
+    assert 50_000 < total <= 80_000
+    texts = [json.loads(line)["text"] for p in first for line in p.read_text().splitlines()]
+    words = " ".join(texts).split()
+    assert len(words) > 5_000 and sum(w.lower() in {"the", "a", "of", "is"} for w in words) > len(words) / 50
