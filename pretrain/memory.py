@@ -212,9 +212,12 @@ def plan_memory(
     gradients = 4 * params // shards
     optimizer = 8 * params // shards
     ddp_buckets = 4 * params if (not fsdp and num_gpus > 1 and not ddp_gradient_as_bucket_view) else 0
-    # Autocast casts each fp32 matrix once per forward and the matmul keeps the copy for its backward pass.
-    matmul_params = params - model.vocab_size * model.hidden_size - (2 * model.num_hidden_layers + 2) * model.hidden_size
-    low_precision_weights = 2 * matmul_params if (low == 2 and not fsdp) else 0
+    # Autocast casts each fp32 matrix once per forward and the matmul keeps the copy for its backward pass; with
+    # checkpointing a layer's copies are made again in its recompute, so only one layer's exist at a time.
+    h, f = model.hidden_size, model.intermediate_size
+    layer_matrices = 4 * h * h + 2 * h * f
+    copied_layers = 1 if activation_checkpointing else model.num_hidden_layers
+    low_precision_weights = 2 * (model.vocab_size * h + copied_layers * layer_matrices) if (low == 2 and not fsdp) else 0
     fsdp_unsharded = 0
     if fsdp:
         # FSDP1 keeps the root unit (embeddings, output projection) gathered from forward to backward, plus the
