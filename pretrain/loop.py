@@ -79,12 +79,12 @@ def train_step(model: torch.nn.Module, optimizer, accelerator: Accelerator, batc
             loss = model(input_ids=input_ids, labels=input_ids).loss
             accelerator.backward(loss)
         loss_sum += loss.detach()
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    grad_norm = clip_gradients(model, accelerator, max_grad_norm or math.inf)
     # The norm is of the all-reduced gradients, so every rank reaches the same verdict.
     nonfinite = ~torch.isfinite(grad_norm)
     set_lr(optimizer, lr)
     if _skips_on_device(optimizer, accelerator):
-        optimizer.optimizer.found_inf = nonfinite.float()  # the fused kernel skips the update: no host sync
+        getattr(optimizer, "optimizer", optimizer).found_inf = nonfinite.float()  # the fused kernel skips the update: no host sync
         optimizer.step()
         skipped = nonfinite
     elif bool(nonfinite.item()):  # CPU (no sync cost) or the unfused path
@@ -96,8 +96,16 @@ def train_step(model: torch.nn.Module, optimizer, accelerator: Accelerator, batc
     return StepResult(loss_sum, grad_norm, skipped)
 
 
+def clip_gradients(model: torch.nn.Module, accelerator: Accelerator, max_norm: float) -> torch.Tensor:
+    """The total norm over every process's gradients, clipped to max_norm (fp16 gradients are unscaled first)."""
+    if hasattr(model, "clip_grad_norm_"):  # FSDP1 shards: only the module knows the norm over all of them
+        accelerator.unscale_gradients()
+        return model.clip_grad_norm_(max_norm)
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def _skips_on_device(optimizer, accelerator: Accelerator) -> bool:
-    inner = optimizer.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, or a bare torch optimizer
     return accelerator.scaler is None and bool(inner.defaults.get("fused"))
 
 

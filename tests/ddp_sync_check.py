@@ -11,7 +11,6 @@ the synchronised steps, and, as a control that the comparison can see a differen
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import torch
 from accelerate.utils import gather, set_seed
 
 from configs import get_config
-from pretrain.loop import make_accelerator
+from pretrain.loop import make_accelerator, train_step
 from pretrain.model import build_model
-from pretrain.optim import build_optimizer
+from pretrain.optim import build_optimizer, lr_at
 from tests.process_exit import leave_without_teardown
 
 CONFIG = get_config("test")
@@ -40,14 +39,11 @@ def spread_across_ranks(accelerator, model) -> float:
 
 
 def step(accelerator, model, optimizer, generator) -> float:
-    """One optimizer step as the loop takes it, on tokens only this rank draws."""
-    input_ids = torch.randint(0, CONFIG.model.vocab_size, (2, 32), generator=generator)
-    loss = model(input_ids=input_ids, labels=input_ids).loss
-    accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), CONFIG.max_grad_norm or math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    """One optimizer step of the product's own step function, on tokens only this rank draws."""
+    accumulation = CONFIG.gradient_accumulation_steps
+    batches = iter([torch.randint(0, CONFIG.model.vocab_size, (2, 32), generator=generator) for _ in range(accumulation)])
+    result = train_step(model, optimizer, accelerator, batches, accumulation, CONFIG.max_grad_norm, lr_at(1, CONFIG))
+    return result.loss_sum.item() / accumulation
 
 
 def main(result_path: str) -> None:

@@ -123,6 +123,13 @@ def start_gcs_emulator() -> GcsEmulator:
     return emulator
 
 
+def start_gcs_emulator_process() -> ProcessEmulator:
+    """The same emulator as start_gcs_emulator in a child process, so a bench's client threads do not share its GIL."""
+    port = free_port()
+    return ProcessEmulator("gcp-storage-emulator", [sys.executable, "-m", "tests.gcs_emulator", str(port)], port,
+                           cwd=REPO_ROOT)
+
+
 def s3_env(endpoint: str) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1"}

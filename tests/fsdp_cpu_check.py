@@ -3,8 +3,9 @@ checkpoint on a single process; writes every loss to a JSON file that tests/test
 
 Accelerate runs FSDP only on GPUs (on CPU processes it falls back to DDP), so this wraps the model with torch's FSDP
 directly, with what configs/accelerate/fsdp.yaml asks Accelerate for: FULL_SHARD, one unit per GPTNeoXLayer,
-use_orig_params. Everything else is the pipeline's own: model, optimizer groups, schedule, global sample order, and
-the full model/optimizer state that pretrain/loop.py checkpoints.
+use_orig_params. Everything else is the pipeline's own: model, optimizer groups, the loop's step function
+(pretrain.loop.train_step: accumulation, clipping, the update, the learning rate), the global sample order, and the full
+model/optimizer state that the checkpointer saves.
 
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp_cpu_check.py DATA_DIR RESULT_JSON
 """
@@ -26,9 +27,9 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 
 from configs import get_config
 from pretrain.data import TokenSamples, make_train_loader
-from pretrain.loop import make_accelerator
+from pretrain.loop import make_accelerator, train_step
 from pretrain.model import build_model
-from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.optim import build_optimizer, lr_at
 from pretrain.shards import discover_shards, inspect_shards, split_eval_shards
 from pretrain.state_dicts import full_optimizer_state, load_full_optimizer_state
 from tests.process_exit import leave_without_teardown
@@ -57,31 +58,17 @@ def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def clip(model: torch.nn.Module, strategy: str) -> None:
-    if strategy == "fsdp1":
-        model.clip_grad_norm_(CONFIG.max_grad_norm)  # the total norm over every rank's shard
-    else:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CONFIG.max_grad_norm)
-
-
-def train(model, optimizer, scheduler, batches, steps: int, strategy: str) -> list[float]:
-    """The loop's step: mean loss over accumulated micro-batches, clip, step; the logged loss is the mean over ranks.
+def train(accelerator, model, optimizer, batches, steps: range, strategy: str) -> list[float]:
+    """The product's step for each of `steps` (1-based optimizer steps); the logged loss is the mean over ranks.
 
     strategy "single" is one process on its own (the resumed run), with nothing to average over.
     """
     losses = []
     accumulation = CONFIG.gradient_accumulation_steps
-    for _ in range(steps):
-        loss_sum = torch.zeros(())
-        for _ in range(accumulation):
-            input_ids = next(batches)
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            (loss / accumulation).backward()
-            loss_sum += loss.detach()
-        clip(model, strategy)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    for step in steps:
+        result = train_step(model, optimizer, accelerator, batches, accumulation, CONFIG.max_grad_norm,
+                            lr_at(step, CONFIG))
+        loss_sum = result.loss_sum
         if strategy != "single":
             dist.all_reduce(loss_sum)
             loss_sum /= dist.get_world_size()
@@ -89,7 +76,7 @@ def train(model, optimizer, scheduler, batches, steps: int, strategy: str) -> li
     return losses
 
 
-def run_distributed(strategy: str, data: TokenSamples, rank: int, world: int) -> dict:
+def run_distributed(accelerator, strategy: str, data: TokenSamples, rank: int, world: int) -> dict:
     set_seed(CONFIG.seed)
     model = build_model(CONFIG.model)
     parameter_names = [name for name, _ in model.named_parameters()]
@@ -99,17 +86,15 @@ def run_distributed(strategy: str, data: TokenSamples, rank: int, world: int) ->
     else:
         optimizer = build_optimizer(model, CONFIG)  # before wrapping, as loop.py does: groups see the real shapes
         model = wrap(model, strategy)
-    scheduler = build_scheduler(optimizer, CONFIG)
     batches = iter(make_train_loader(data, 0, CONFIG.per_device_train_batch_size, rank, world, num_workers=0))
-    losses = train(model, optimizer, scheduler, batches, SAVE_AT, strategy)
+    losses = train(accelerator, model, optimizer, batches, range(1, SAVE_AT + 1), strategy)
     full = StateDictOptions(full_state_dict=True)
     checkpoint = saved_and_loaded({
         "model": get_model_state_dict(model, options=full),
         "optimizer": full_optimizer_state(model, optimizer),
-        "scheduler": scheduler.state_dict(),
     })
     local_numel = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-    losses += train(model, optimizer, scheduler, batches, STEPS - SAVE_AT, strategy)
+    losses += train(accelerator, model, optimizer, batches, range(SAVE_AT + 1, STEPS + 1), strategy)
     return {
         "losses": losses,
         "checkpoint": checkpoint,
@@ -126,18 +111,16 @@ def saved_and_loaded(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
-def resume_on_one_process(checkpoint: dict, data: TokenSamples) -> list[float]:
+def resume_on_one_process(accelerator, checkpoint: dict, data: TokenSamples) -> list[float]:
     """What `--resume` does with 1 process: the whole global batch per micro-batch, from the saved sample position."""
     model = build_model(CONFIG.model)
     model.load_state_dict(checkpoint["model"])
     optimizer = build_optimizer(model, CONFIG)
-    scheduler = build_scheduler(optimizer, CONFIG)
     load_full_optimizer_state(model, optimizer, checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
     world = dist.get_world_size()
     samples_consumed = SAVE_AT * CONFIG.per_device_train_batch_size * CONFIG.gradient_accumulation_steps * world
     batches = iter(make_train_loader(data, samples_consumed, CONFIG.per_device_train_batch_size * world, 0, 1, 0))
-    return train(model, optimizer, scheduler, batches, STEPS - SAVE_AT, "single")
+    return train(accelerator, model, optimizer, batches, range(SAVE_AT + 1, STEPS + 1), "single")
 
 
 def load_data(data_dir: Path) -> TokenSamples:
@@ -151,14 +134,14 @@ def main(data_dir: str, result_path: str) -> None:
     accelerator = make_accelerator(CONFIG)  # the pipeline's own process group: gloo on CPU processes
     rank, world = accelerator.process_index, accelerator.num_processes
     data = load_data(Path(data_dir))
-    runs = {strategy: run_distributed(strategy, data, rank, world) for strategy in STRATEGIES}
+    runs = {strategy: run_distributed(accelerator, strategy, data, rank, world) for strategy in STRATEGIES}
     if rank == 0:
         result = {"world_size": world, "distributed_type": str(accelerator.distributed_type)}
         for strategy, run in runs.items():
             checkpoint = run["checkpoint"]
             result[strategy] = {
                 "losses": run["losses"],
-                "resumed_losses": resume_on_one_process(checkpoint, data),
+                "resumed_losses": resume_on_one_process(accelerator, checkpoint, data),
                 "model_keys": sorted(checkpoint["model"]),
                 "optimizer_keys": sorted(checkpoint["optimizer"]["state"]),
                 "parameter_names": sorted(run["parameter_names"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import socketserver
 import sys
@@ -58,7 +59,15 @@ class _Handler(RequestHandler):
             method()
 
     def do_GET(self) -> None:
-        self._emulator(super().do_GET)
+        # The reply is built under the lock but sent after it: parallel ranged downloads then overlap on the
+        # socket as they do against real GCS, instead of each waiting for the previous one's body to drain.
+        socket_file, self.wfile = self.wfile, io.BytesIO()
+        try:
+            self._emulator(super().do_GET)
+            reply = self.wfile.getvalue()
+        finally:
+            self.wfile = socket_file
+        self.wfile.write(reply)
 
     def do_PATCH(self) -> None:
         self._emulator(super().do_PATCH)
@@ -161,11 +170,11 @@ class _Handler(RequestHandler):
 
 
 class _EmulatorHttpServer(_ThreadingHttpServer):
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.emulator_storage = EmulatorStorage(use_memory_fs=True)
         self.emulator_lock = threading.Lock()
         self.multipart = _MultipartUploads()
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class GcsEmulator:
@@ -186,3 +195,14 @@ class GcsEmulator:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def serve_forever(port: int) -> None:
+    """Serves on 127.0.0.1:port until killed: benches run the emulator in its own process, as the others run."""
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    server = _EmulatorHttpServer(port)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    serve_forever(int(sys.argv[1]))

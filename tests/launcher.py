@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -54,3 +58,90 @@ def final_weights(workdir: Path) -> dict[str, torch.Tensor]:
 def checkpoints(workdir: Path) -> list[str]:
     folder = workdir / "checkpoints"
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")) if folder.exists() else []
+
+
+def free_port() -> int:
+    """A rendezvous port for a multi-process run, so runs beside other test sessions do not collide on 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launcher_command(workdir: Path, data_dir: Path, *args: str) -> list[str]:
+    return [str(REPO / "start_training.sh"), *isolated_args(workdir, data_dir, *args), *args]
+
+
+class Watched:
+    """A running process whose output is collected by a thread, so a test can wait for a line without sleeping.
+
+    Started in its own session, as an orchestrator would start start_training.sh; with_stdout also collects stdout
+    (where the `running:` line goes) into the same lines.
+    """
+
+    def __init__(self, command: list[str], with_stdout: bool = False) -> None:
+        if with_stdout:
+            streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+        else:
+            streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+        self.process = subprocess.Popen(command, cwd=REPO, text=True, start_new_session=True, **streams)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        stream = self.process.stdout if self.process.stdout is not None else self.process.stderr
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, fragment: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(fragment in line for line in self.lines):
+                left = deadline - time.monotonic()
+                assert left > 0 and self.process.poll() is None, f"never saw {fragment!r}:\n{''.join(self.lines)[-3000:]}"
+                self._changed.wait(timeout=min(left, 1.0))
+
+    def finish(self, timeout: float) -> int:
+        """The exit code; a run still going after `timeout` is killed whole and fails the test."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise AssertionError(f"still running after {timeout:.0f} s:\n{self.text()[-3000:]}") from None
+
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+
+def wait_for_step(workdir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Polls the metrics file the run writes (bounded; the run logs every step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        path = workdir / "logs" / RUN_NAME / "metrics.jsonl"
+        if path.exists() and logged(workdir) and max(logged(workdir)) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+def survivors(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (a test's own folder): what a run left behind."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited while we looked
+        if marker in command:
+            found.append(f"{entry.name}: {command}")
+    return found
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -11,18 +11,18 @@ from pretrain.checkpoint import (
     MANIFEST,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    STATE_FILE,
     CheckpointError,
     CheckpointPayload,
+    CheckpointStore,
     checkpoint_name,
     clean_temp_folders,
     load_checkpoint,
-    local_checkpoints,
-    prune_local,
-    validate_resume_name,
     verify_checkpoint,
     write_checkpoint,
 )
-from pretrain.checkpoint_sync import resolve_resume
+from pretrain.train_state import STATE_FORMAT_VERSION
+from tests.checkpointer_harness import harness, state_at
 
 
 def payload(step: int) -> CheckpointPayload:
@@ -31,8 +31,14 @@ def payload(step: int) -> CheckpointPayload:
         model_state={"layer.weight": torch.randn(64, 64, generator=generator), "layer.bias": torch.zeros(64)},
         optimizer_state={"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
         rng_states={"rank0": {"torch": torch.get_rng_state()}},
-        trainer_state={"step": step, "samples_consumed": step * 16},
+        state=state_at(step),
     )
+
+
+def resolve(tmp_path, mode: str) -> str | None:
+    """What `--resume MODE` picks in tmp_path/checkpoints, through the product's Checkpointer."""
+    with harness(tmp_path, resume=mode) as (checkpointer, _, _):
+        return checkpointer._resolve(mode)
 
 
 def save(output_dir: Path, step: int) -> Path:
@@ -47,7 +53,7 @@ def test_round_trip_restores_every_part(tmp_path):
     original = payload(10)
     assert torch.equal(loaded.model_state["layer.weight"], original.model_state["layer.weight"])
     assert torch.equal(loaded.optimizer_state["state"][0]["exp_avg"], torch.ones(3))
-    assert loaded.trainer_state == {"step": 10, "samples_consumed": 160}
+    assert loaded.state == state_at(10)
     manifest = json.loads((folder / MANIFEST).read_text())
     assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {MANIFEST}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -73,45 +79,58 @@ def test_damaged_checkpoints_are_detected_with_the_file_named(tmp_path, damage):
 
 
 def test_resume_latest_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
-    save(tmp_path, 10)
-    newest = save(tmp_path, 20)
+    save(tmp_path / "checkpoints", 10)
+    newest = save(tmp_path / "checkpoints", 20)
     (newest / MODEL_FILE).write_bytes(b"garbage")
-    chosen = resolve_resume("latest", tmp_path, storage=None)
-    assert chosen.name == "checkpoint-epoch0-step10-files3"
+    assert resolve(tmp_path, "latest") == "checkpoint-epoch0-step10-files3"
     assert "skipping checkpoint-epoch0-step20-files3" in caplog.text
     assert newest.exists()  # skipped, not deleted: the user may want to look at it
 
 
 def test_resume_by_name_refuses_a_corrupt_checkpoint_instead_of_picking_another(tmp_path):
-    save(tmp_path, 10)
-    broken = save(tmp_path, 20)
+    save(tmp_path / "checkpoints", 10)
+    broken = save(tmp_path / "checkpoints", 20)
     (broken / MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="no manifest.json"):
-        resolve_resume(broken.name, tmp_path, storage=None)
+        resolve(tmp_path, broken.name)
 
 
-def test_resume_of_a_name_that_exists_nowhere_is_a_clear_error(tmp_path):
+def test_resume_of_a_name_that_exists_nowhere_is_a_clear_error_and_auto_starts_fresh(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint in"):
-        resolve_resume("checkpoint-epoch0-step99-files3", tmp_path, storage=None)
+        resolve(tmp_path, "checkpoint-epoch0-step99-files3")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resolve_resume("latest", tmp_path, storage=None)
+        resolve(tmp_path, "latest")
+    assert resolve(tmp_path, "auto") is None
+    save(tmp_path / "checkpoints", 10)
+    assert resolve(tmp_path, "auto") == "checkpoint-epoch0-step10-files3"
 
 
-@pytest.mark.parametrize("name", ["../checkpoint-epoch0-step1-files1", "a/b", "checkpoint-epoch0-step1-files1/..", "step-10", ""])
-def test_resume_names_with_paths_or_other_shapes_are_refused(name):
-    with pytest.raises(ValueError, match="is not a checkpoint name"):
-        validate_resume_name(name)
+@pytest.mark.parametrize("name", ["../checkpoint-epoch0-step1-files1", "a/b", "checkpoint-epoch0-step1-files1/..", "step-10"])
+def test_resume_names_with_paths_or_other_shapes_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="use 'auto', 'latest' or a checkpoint folder name"):
+        resolve(tmp_path, name)
 
 
 def test_prune_keeps_newest_and_protected_and_ignores_incomplete(tmp_path):
     for step in (10, 20, 30, 40):
         save(tmp_path, step)
-    incomplete = tmp_path / checkpoint_name(0, 50, 3)
-    incomplete.mkdir()
-    deleted = prune_local(tmp_path, keep=2, protected={checkpoint_name(0, 10, 3)})
+    incomplete = save(tmp_path, 50)
+    (incomplete / MODEL_FILE).write_bytes(b"short")  # a size that does not match its manifest
+    store = CheckpointStore.local(tmp_path)
+    deleted = store.prune(keep=2, protected={checkpoint_name(0, 10, 3)})
     assert deleted == [checkpoint_name(0, 20, 3)]
-    remaining = {p.name for p in local_checkpoints(tmp_path)}
-    assert remaining == {checkpoint_name(0, s, 3) for s in (10, 30, 40, 50)}
+    assert set(store.names()) == {checkpoint_name(0, s, 3) for s in (10, 30, 40, 50)}
+    assert store.complete() == [checkpoint_name(0, s, 3) for s in (40, 30, 10)]
+    assert not (tmp_path / checkpoint_name(0, 20, 3)).exists()
+
+
+def test_a_state_of_another_format_is_refused_in_one_line_naming_its_version(tmp_path):
+    folder = save(tmp_path, 10)
+    state = json.loads((folder / STATE_FILE).read_text())
+    state["format_version"] = 1
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=f"trainer state format 1, this version reads format {STATE_FORMAT_VERSION}"):
+        load_checkpoint(folder)
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_and_is_cleaned(tmp_path, monkeypatch):
@@ -125,7 +144,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_and_is_cleaned(tmp_p
         save(tmp_path, 20)
     monkeypatch.undo()
     assert verify_checkpoint(good) is None
-    assert [p.name for p in local_checkpoints(tmp_path)] == [good.name]
+    assert CheckpointStore.local(tmp_path).complete() == [good.name]
     clean_temp_folders(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
 

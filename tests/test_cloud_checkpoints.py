@@ -4,14 +4,25 @@ local disk is gone, exactly as if never interrupted."""
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointPayload, checkpoint_name, verify_checkpoint, write_checkpoint
-from pretrain.checkpoint_sync import BackgroundUploader, download_checkpoint, remote_checkpoints
+from pretrain.checkpoint import (
+    CheckpointPayload,
+    CheckpointStore,
+    checkpoint_name,
+    download_checkpoint,
+    upload_checkpoint,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from pretrain import checkpointer as checkpointer_module
+from pretrain.checkpointer import CheckpointNotUploaded
 from pretrain.storage import StorageOptions, open_storage
 from tests.fault_proxy import CONNECTION_RESET, SERVICE_UNAVAILABLE
+from tests.checkpointer_harness import harness, state_at, take_step
 from tests.launcher import check, checkpoints, final_weights, launch, logged
 
 CLOUDS = ("s3", "gcs", "azure")
@@ -26,75 +37,76 @@ def big_payload(step: int) -> CheckpointPayload:
         model_state={"w": torch.randn(3 * 1024 * 1024, generator=generator)},
         optimizer_state={"state": {}, "param_groups": []},
         rng_states={"rank0": {"torch": torch.get_rng_state()}},
-        trainer_state={"step": step},
+        state=state_at(step),
     )
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
-def test_background_uploads_land_intact_through_503s_and_resets(cloud, tmp_path, new_bucket, activate, fault_proxy):
+def test_uploads_land_intact_through_503s_and_resets(cloud, tmp_path, new_bucket, activate, fault_proxy):
     proxy = fault_proxy(cloud)
     bucket = activate(new_bucket(cloud, through=proxy))
     # Faults on uploads of every kind: part uploads, single puts, the manifest.
     proxy.inject(SERVICE_UNAVAILABLE, method="PUT", times=2)
     proxy.inject(CONNECTION_RESET, method="PUT", times=1)
     proxy.inject(SERVICE_UNAVAILABLE, method="POST", times=1)
-    storage = open_storage(bucket.url, FAST_RETRIES)
-    uploader = BackgroundUploader(storage, keep_remote=2, retry_backoff_seconds=0.05)
+    remote = CheckpointStore(open_storage(bucket.url, FAST_RETRIES))
     local = tmp_path / "checkpoints"
     names = []
     for step in (10, 20, 30):
-        names.append(write_checkpoint(local, checkpoint_name(0, step, 1), big_payload(step)).name)
-        uploader.submit(local / names[-1])
-        assert uploader.wait(timeout_seconds=120)
-    report = uploader.take_report()
-    uploader.close()
-    assert report.failed == [] and report.uploaded == names
+        folder = write_checkpoint(local, checkpoint_name(0, step, 1), big_payload(step))
+        upload_checkpoint(folder, remote, backoff_seconds=0.05)
+        remote.prune(keep=2)
+        names.append(folder.name)
     assert proxy.count(faulted=True) >= 3  # the faults really happened
-    assert remote_checkpoints(storage) == [names[2], names[1]]  # retention kept the newest two
-    for name in remote_checkpoints(storage):
-        fetched = download_checkpoint(storage, name, tmp_path / "fetched")
+    assert remote.complete() == [names[2], names[1]]  # retention kept the newest two
+    for name in remote.names():
+        fetched = download_checkpoint(remote, name, tmp_path / "fetched")
         assert verify_checkpoint(fetched) is None
         assert (fetched / "model.safetensors").read_bytes() == (local / name / "model.safetensors").read_bytes()
 
 
-def test_one_upload_in_flight_and_the_newest_pending_wins(tmp_path, new_bucket, activate, fault_proxy):
+def test_one_upload_in_flight_and_the_newest_pending_wins(tmp_path, monkeypatch, caplog):
+    """Saves come faster than uploads: the checkpointer never queues more than one upload behind the running one."""
+    first_running, release_first = threading.Event(), threading.Event()
+    real_upload = checkpointer_module.upload_checkpoint
+
+    def first_one_slow(folder, remote, **kwargs):
+        if folder.name == "checkpoint-epoch0-step1-files1":
+            first_running.set()
+            release_first.wait(timeout=60)
+        return real_upload(folder, remote, **kwargs)
+
+    monkeypatch.setattr(checkpointer_module, "upload_checkpoint", first_one_slow)
+    with harness(tmp_path, checkpoint_bucket=str(tmp_path / "bucket")) as (checkpointer, model, optimizer):
+        checkpointer.save(state_at(1), model, optimizer, "scheduled")
+        assert first_running.wait(timeout=60)
+        for step in (2, 3):  # written while step 1 is still uploading: 3 replaces 2 in the queue
+            take_step(model, optimizer)
+            checkpointer.save(state_at(step), model, optimizer, "scheduled")
+            assert checkpointer.writer.wait_idle(60)
+            assert "checkpoint-epoch0-step1-files1" in CheckpointStore.local(tmp_path / "checkpoints").names()
+        release_first.set()
+        checkpointer.finish(state_at(3))
+        assert "checkpoint-epoch0-step2-files1 will not be uploaded" in caplog.text
+        assert checkpointer.remote.complete() == ["checkpoint-epoch0-step3-files1", "checkpoint-epoch0-step1-files1"]
+
+
+def test_a_failed_upload_is_reported_and_the_next_one_still_goes(tmp_path, new_bucket, activate, fault_proxy, caplog):
     proxy = fault_proxy("s3")
     bucket = activate(new_bucket("s3", through=proxy))
-    storage = open_storage(bucket.url, FAST_RETRIES)
-    uploader = BackgroundUploader(storage, keep_remote=5)
-    local = tmp_path / "checkpoints"
-    folders = [write_checkpoint(local, checkpoint_name(0, step, 1), big_payload(step)) for step in (1, 2, 3)]
-    for folder in folders:  # submitted back to back: the first is in flight, 2 is replaced by 3 while pending
-        uploader.submit(folder)
-        assert uploader.protected() >= {folder.name}
-    assert uploader.wait(timeout_seconds=120)
-    report = uploader.take_report()
-    uploader.close()
-    assert report.failed == []
-    assert report.uploaded[-1] == folders[2].name and folders[1].name not in report.uploaded
-    assert remote_checkpoints(storage)[0] == folders[2].name
-
-
-def test_a_failed_upload_is_reported_and_the_next_one_still_goes(tmp_path, new_bucket, activate, fault_proxy):
-    proxy = fault_proxy("s3")
-    bucket = activate(new_bucket("s3", through=proxy))
-    storage = open_storage(bucket.url, StorageOptions(max_retries=0, retry_backoff_seconds=0.01))
-    uploader = BackgroundUploader(storage, keep_remote=5, retry_backoff_seconds=0.01)
-    local = tmp_path / "checkpoints"
-    proxy.inject(SERVICE_UNAVAILABLE, method="PUT", times=1000)
-    first = write_checkpoint(local, checkpoint_name(0, 1, 1), big_payload(1))
-    uploader.submit(first)
-    assert uploader.wait(timeout_seconds=120)
-    failed = uploader.take_report().failed
-    assert len(failed) == 1 and failed[0].startswith(first.name)
-    assert first.name not in remote_checkpoints(storage)  # no manifest: not a checkpoint
-    proxy.clear()
-    second = write_checkpoint(local, checkpoint_name(0, 2, 1), big_payload(2))
-    uploader.submit(second)
-    assert uploader.wait(timeout_seconds=120)
-    assert uploader.take_report().uploaded == [second.name]
-    uploader.close()
-
+    with harness(tmp_path, weights=3 * 1024 * 1024, checkpoint_bucket=bucket.url, storage_max_retries=0) as (
+            checkpointer, model, optimizer):
+        proxy.inject(SERVICE_UNAVAILABLE, method="PUT", times=1000)
+        checkpointer.save(state_at(1), model, optimizer, "scheduled")
+        with pytest.raises(CheckpointNotUploaded, match="checkpoint-epoch0-step1-files1 is only on this machine"):
+            checkpointer.finish(state_at(1))
+        assert checkpointer.upload_failures == 1
+        assert "checkpoint-epoch0-step1-files1" not in checkpointer.remote.names()  # no manifest: not a checkpoint
+        proxy.clear()
+        take_step(model, optimizer)
+        checkpointer.save(state_at(2), model, optimizer, "scheduled")
+        checkpointer.finish(state_at(2))
+        assert checkpointer.remote.complete() == ["checkpoint-epoch0-step2-files1"]
 
 
 @pytest.fixture(scope="module")
@@ -121,4 +133,4 @@ def test_resume_from_the_bucket_after_losing_the_local_disk(cloud, tmp_path, new
     a, b = final_weights(tmp_path), final_weights(straight_run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert checkpoints(tmp_path)[-1] == "checkpoint-epoch0-step9-files7"
-    assert remote_checkpoints(open_storage(url))[0] == "checkpoint-epoch0-step9-files7"
+    assert CheckpointStore(open_storage(url)).complete()[0] == "checkpoint-epoch0-step9-files7"

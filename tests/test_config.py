@@ -96,7 +96,7 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(argv, fragment):
 def test_help_lists_every_field_with_its_default():
     text = build_parser(CONFIGS["production"]).format_help()
     fields = [f.name for f in dataclasses.fields(ModelConfig)] + [
-        f.name for f in dataclasses.fields(TrainingConfig) if f.name != "model"
+        f.name for f in dataclasses.fields(TrainingConfig) if f.name not in ("model", "name")
     ]
     for name in fields:
         assert "--" + name.replace("_", "-") in text, name
@@ -108,3 +108,8 @@ def test_train_py_reports_bad_config_and_exits_2():
     assert result.returncode == 2
     assert "--config 'nope' is not a known config" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_parsed_config_keeps_its_name_for_run_names_and_plans():
+    assert parse_config(["--config", "production", "--max-steps", "5"]).name == "production"
+    assert parse_config([]).name == "test"

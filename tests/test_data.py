@@ -102,7 +102,7 @@ def test_order_is_pure_reshuffled_per_epoch_and_seeded():
     assert epoch_locations(single, 0) != epoch_locations(single, 1)
 
 
-@pytest.mark.parametrize("mix_shards", [1, 2])
+@pytest.mark.parametrize("mix_shards", [1, 2, 3])
 def test_a_reader_moves_through_mix_shards_at_a_time(mix_shards):
     order = SampleOrder(synthetic_shards([6, 9, 4, 8, 5]), SEQ_LEN, SEED, mix_shards)
     for epoch in range(3):
@@ -113,8 +113,8 @@ def test_a_reader_moves_through_mix_shards_at_a_time(mix_shards):
 
 
 def test_locating_far_past_costs_one_permutation(monkeypatch):
-    order = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED)
-    expected = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED).locate(10**15 + 17)
+    order = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED, mix_shards=2)
+    expected = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED, mix_shards=2).locate(10**15 + 17)
     calls = []
     real_permutation = data._permutation
     monkeypatch.setattr(data, "_permutation", lambda size, words: calls.append(size) or real_permutation(size, words))
@@ -155,7 +155,7 @@ def test_each_shard_is_opened_once_per_epoch(dataset_dir, shards, monkeypatch):
     opened = []
     real_stream = data.TokenStream
     monkeypatch.setattr(data, "TokenStream", lambda path: opened.append(path) or real_stream(path))
-    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, cache_shards=2)
+    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, cache_shards=2, mix_shards=2)
 
     for index in range(dataset.samples_per_epoch):
         dataset[index]
@@ -163,9 +163,9 @@ def test_each_shard_is_opened_once_per_epoch(dataset_dir, shards, monkeypatch):
     assert sorted(opened) == sorted(dataset_dir / s.path for s in shards)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_resumed_at_k_continues_the_run_from_zero(dataset_dir, shards, num_workers):
-    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED)
+@pytest.mark.parametrize("num_workers, mix_shards", [(0, 2), (2, 2), (0, 3), (2, data.MIX_SHARDS)])
+def test_loader_resumed_at_k_continues_the_run_from_zero(dataset_dir, shards, num_workers, mix_shards):
+    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards)
     spe = dataset.samples_per_epoch
     block_end = int(dataset.order._epoch_plan(0)[1][0])
     window = 12
@@ -174,12 +174,12 @@ def test_loader_resumed_at_k_continues_the_run_from_zero(dataset_dir, shards, nu
     assert all(torch.equal(a, b) for a, b in zip(reference, direct))
 
     for k in [1, 5, block_end - 2, spe - 4, spe, 2 * spe + 1]:
-        fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED)
+        fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards)
         resumed = take_samples(make_train_loader(fresh, k, 3, 0, 1, num_workers=num_workers), window)
         assert torch.equal(torch.stack(resumed), torch.stack(reference[k : k + window])), f"resume at {k}"
 
     far = 10**9 + 7
-    fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED)
+    fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards)
     resumed = take_samples(make_train_loader(fresh, far, 4, 0, 1, num_workers=num_workers), 8)
     assert torch.equal(torch.stack(resumed), torch.stack([dataset[far + i] for i in range(8)]))
 

@@ -33,8 +33,16 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 from safetensors.torch import load_file
 
 from configs import get_config
-from pretrain.checkpoint import MANIFEST, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, load_checkpoint, verify_checkpoint
-from pretrain.checkpoint_sync import remote_checkpoints
+from pretrain.checkpoint import (
+    MANIFEST,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    CheckpointStore,
+    load_checkpoint,
+    verify_checkpoint,
+)
 from pretrain.launch import ACCELERATE_CONFIG_DIR, build_command, parse_launch_args
 from pretrain.model import build_model
 from pretrain.storage import open_storage
@@ -228,8 +236,8 @@ def test_two_processes_log_the_losses_of_one_process_with_twice_the_batch(one_pr
     update = checkpoint_weights(one_process_run, STEP6) - checkpoint_weights(one_process_run, STEP3)
     difference = flat(final_weights(one_process_run)) - flat(final_weights(two_process_run))
     assert difference.norm() <= WEIGHT_TOLERANCE * update.norm()
-    state = load_checkpoint(two_process_run / "checkpoints" / STEP6).trainer_state
-    assert state["num_processes"] == 2 and state["global_batch_samples"] == 16 and state["samples_consumed"] == 96
+    state = load_checkpoint(two_process_run / "checkpoints" / STEP6).state
+    assert state.num_processes == 2 and state.global_batch_samples == 16 and state.samples_consumed == 96
 
 
 @pytest.mark.slow
@@ -249,7 +257,7 @@ def test_only_the_main_process_writes_checkpoints_logs_exports_and_uploads(one_p
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
 
     storage = open_storage(f"file://{two_process_run / 'bucket'}")
-    assert sorted(remote_checkpoints(storage)) == [STEP3, STEP6]
+    assert sorted(CheckpointStore(storage).complete()) == [STEP3, STEP6]
     uploaded = {info.key for info in storage.list(f"{STEP6}/")}
     assert uploaded == {f"{STEP6}/{name}" for name in CHECKPOINT_FILES}
 
@@ -266,8 +274,8 @@ def test_two_process_checkpoint_from_the_bucket_resumes_on_one_process(tmp_path,
     resumed, straight = logged(tmp_path), logged(one_process_run)
     assert sorted(resumed) == [4, 5, 6]
     assert max_loss_difference(resumed, {step: straight[step] for step in resumed}) <= LOSS_TOLERANCE
-    state = load_checkpoint(tmp_path / "checkpoints" / STEP6).trainer_state
-    assert state["num_processes"] == 1 and state["samples_consumed"] == 96
+    state = load_checkpoint(tmp_path / "checkpoints" / STEP6).state
+    assert state.num_processes == 1 and state.samples_consumed == 96
 
 
 @pytest.mark.slow
@@ -280,8 +288,8 @@ def test_one_process_checkpoint_resumes_on_two_processes(tmp_path, sample_data, 
     assert sorted(resumed) == [4, 5, 6]
     assert max_loss_difference(resumed, {step: straight[step] for step in resumed}) <= LOSS_TOLERANCE
     assert checkpoints(tmp_path) == [STEP3, STEP6]
-    state = load_checkpoint(tmp_path / "checkpoints" / STEP6).trainer_state
-    assert state["num_processes"] == 2 and state["samples_consumed"] == 96
+    state = load_checkpoint(tmp_path / "checkpoints" / STEP6).state
+    assert state.num_processes == 2 and state.samples_consumed == 96
 
 
 @pytest.mark.slow

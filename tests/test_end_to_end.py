@@ -31,10 +31,11 @@ def test_training_run_learns_logs_checkpoints_and_exports(tmp_path, sample_data)
     assert names == ["checkpoint-epoch0-step20-files7", "checkpoint-epoch0-step40-files7"]
     for name in names:
         assert verify_checkpoint(tmp_path / "checkpoints" / name) is None
-    state = load_checkpoint(tmp_path / "checkpoints" / names[-1]).trainer_state
-    assert state["step"] == 40 and state["samples_consumed"] == 40 * 16
-    assert {"scheduler", "shards", "history", "config", "versions", "run_name"} <= set(state)
-    assert state["config"]["max_steps"] == 40
+    state = load_checkpoint(tmp_path / "checkpoints" / names[-1]).state
+    assert state.step == 40 and state.samples_consumed == 40 * 16
+    assert state.config["max_steps"] == 40 and state.run_name == RUN_NAME and state.versions["torch"]
+    assert [point["step"] for point in state.history if "train/loss" in point] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert len(state.data["train"]) == 7 and state.epoch == 0
 
     events = EventAccumulator(str(tmp_path / "logs" / RUN_NAME))
     events.Reload()

@@ -336,7 +336,7 @@ def test_sample_text_is_deterministic_real_text(tmp_path: Path):
     second = write_sample_text(tmp_path / "b", 80_000)
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     total = sum(p.stat().st_size for p in first)
-    assert 50_000 < total <= 80_000
+    assert 70_000 < total <= 80_000
     texts = [json.loads(line)["text"] for p in first for line in p.read_text().splitlines()]
     words = " ".join(texts).split()
     assert len(words) > 5_000 and sum(w.lower() in {"the", "a", "of", "is"} for w in words) > len(words) / 50

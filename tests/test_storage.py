@@ -164,3 +164,53 @@ def test_read_range_returns_only_the_requested_bytes(bucket, tmp_path):
     assert storage.read_range("shards/obj.bin", 0, 64) == data[:64]
     assert storage.read_range("shards/obj.bin", 123_456, 1000) == data[123_456:124_456]
     assert storage.read_range("shards/obj.bin", 299_990, 1000) == data[299_990:]
+
+
+def test_download_many_round_trip_with_nested_keys(bucket, tmp_path):
+    """Several objects at once, one of them large enough to come down in parallel parts, into nested folders."""
+    storage = open_storage(bucket.url, MULTIPART)
+    sources = {"ckpt/model.safetensors": random_file(tmp_path / "src" / "model.bin", 6 * MiB + 3),
+               "ckpt/state.json": random_file(tmp_path / "src" / "state.json", 100),
+               "ckpt/nested/deeper/rng.pt": random_file(tmp_path / "src" / "rng.pt", 1),
+               "ckpt/empty.txt": random_file(tmp_path / "src" / "empty.txt", 0)}
+    local = dict(zip(sources, ["model.bin", "state.json", "rng.pt", "empty.txt"]))
+    storage.upload_many([(tmp_path / "src" / local[key], key) for key in sources], max_workers=3)
+
+    storage.download_many([(key, tmp_path / "out" / key) for key in sources], max_workers=3)
+
+    assert {key: (tmp_path / "out" / key).read_bytes() for key in sources} == sources
+    assert sorted(info.key for info in storage.list()) == sorted(sources)
+    assert not list((tmp_path / "out").rglob("*.partial")), "temp file left behind"
+
+
+def test_download_many_names_the_missing_object_and_starts_nothing_after_it(bucket, tmp_path):
+    storage = open_storage(bucket.url, MULTIPART)
+    (tmp_path / "one.txt").write_bytes(b"one")
+    storage.upload_many([(tmp_path / "one.txt", "a/one.txt"), (tmp_path / "one.txt", "a/two.txt")])
+
+    with pytest.raises(StorageError, match=r"does not exist|404|Not ?Found") as raised:
+        storage.download_many([("a/missing.bin", tmp_path / "out" / "missing.bin"),
+                               ("a/one.txt", tmp_path / "out" / "one.txt"),
+                               ("a/two.txt", tmp_path / "out" / "two.txt")], max_workers=1)
+
+    assert f"{storage.url}/a/missing.bin" in str(raised.value)
+    assert "2 not started" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_many_transfers_reject_bad_batches_before_moving_anything(tmp_path):
+    storage = open_storage((tmp_path / "bucket").as_uri())
+    (tmp_path / "f").write_bytes(b"x")
+    storage.upload(tmp_path / "f", "k")
+    with pytest.raises(ValueError, match="appears twice"):
+        storage.download_many([("k", tmp_path / "out" / "f"), ("k", tmp_path / "out" / ".." / "out" / "f")])
+    with pytest.raises(ValueError, match="invalid object key"):
+        storage.download_many([("k", tmp_path / "out" / "a"), ("../k", tmp_path / "out" / "b")])
+    with pytest.raises(ValueError, match="appears twice"):
+        storage.upload_many([(tmp_path / "f", "k2"), (tmp_path / "f", "k2")])
+    with pytest.raises(ValueError, match="max_workers"):
+        storage.download_many([("k", tmp_path / "out" / "a")], max_workers=0)
+    assert not (tmp_path / "out").exists()
+    assert [info.key for info in storage.list()] == ["k"]
+    storage.download_many([])

@@ -64,3 +64,35 @@ def test_persistent_failure_gives_up_with_storage_error(provider, new_bucket, ac
     assert "\n" not in str(raised.value)
     # Retries are bounded by the options: 3 parts, each tried a few times, not a retry storm.
     assert 3 <= proxy.count(faulted=True) <= 3 * 12
+
+
+@pytest.mark.parametrize("provider", CLOUD_PROVIDERS)
+def test_download_many_fails_fast_on_a_cut_object_and_names_it(provider, new_bucket, activate, fault_proxy,
+                                                               tmp_path: Path):
+    """The network to one object is cut (every request reset): that object's error is raised within the retry
+    bounds, the others still come down whole, and no partial file is left."""
+    proxy = fault_proxy(provider)
+    storage = open_storage(activate(new_bucket(provider, through=proxy)).url,
+                           StorageOptions(multipart_chunk_bytes=5 * MiB, max_concurrency=4, max_retries=1,
+                                          retry_backoff_seconds=0.05))
+    sources = {"ckpt/big.bin": os.urandom(11 * MiB), "ckpt/cut/broken.bin": os.urandom(6 * MiB),
+               "ckpt/state.json": b"{}"}
+    for index, data in enumerate(sources.values()):
+        (tmp_path / f"src{index}").write_bytes(data)
+    storage.upload_many([(tmp_path / f"src{index}", key) for index, key in enumerate(sources)])
+    proxy.inject(CONNECTION_RESET, path_regex=r"broken\.bin", times=10_000)
+
+    started = time.monotonic()
+    with pytest.raises(StorageError) as raised:
+        storage.download_many([(key, tmp_path / "out" / key) for key in sources], max_workers=3)
+
+    assert time.monotonic() - started < 30
+    assert f"{storage.url}/ckpt/cut/broken.bin" in str(raised.value)
+    assert "cannot reach" in str(raised.value) or "reset" in str(raised.value).lower()
+    assert "\n" not in str(raised.value)
+    assert proxy.count(path_regex=r"broken\.bin", faulted=True) >= 1
+    assert not list((tmp_path / "out").rglob("*.partial")), "temp file left behind"
+    assert not (tmp_path / "out" / "ckpt" / "cut" / "broken.bin").exists()
+    for key in ("ckpt/big.bin", "ckpt/state.json"):  # were running in parallel: they finish whole, or not at all
+        path = tmp_path / "out" / key
+        assert not path.exists() or path.read_bytes() == sources[key]

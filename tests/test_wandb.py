@@ -15,7 +15,7 @@ def test_offline_wandb_run_is_continued_after_resume(tmp_path, sample_data):
               "--eval-steps", "0", "--warmup-steps", "1", "--lr-decay-steps", "4", "--save-steps", "2"]
     env = {"WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
     check(launch(tmp_path, data_dir, "--max-steps", "2", *common, env=env))
-    run_id = load_checkpoint(tmp_path / "checkpoints" / checkpoints(tmp_path)[-1]).trainer_state["wandb_run_id"]
+    run_id = load_checkpoint(tmp_path / "checkpoints" / checkpoints(tmp_path)[-1]).state.wandb_run_id
     assert run_id and len(run_id) >= 8
     check(launch(tmp_path, data_dir, "--resume", "latest", "--max-steps", "4", *common, env=env))
 
