@@ -34,35 +34,31 @@ from tests import emulators  # noqa: E402
 MODEL = {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048}
 
 
-class TimedTrainer(Trainer):
-    """Records how long each save blocks the training thread; `synchronous` waits for the upload too."""
-
-    synchronous = False
-
-    def _save(self, reason: str) -> None:
-        started = time.perf_counter()
-        super()._save(reason)
-        if self.synchronous and self.uploader is not None:
-            self.saver.wait_written()
-            self.uploader.wait(timeout_seconds=3600)
-        self.blocked.append(time.perf_counter() - started)
-
-
 def run(mode: str, base, workdir: Path, bucket_url: str) -> tuple[float, list[float]]:
+    """Times how long each save blocks the training thread; "sync" also waits for the write and the upload."""
     config = with_changes(base, output_dir=str(workdir / "checkpoints"), logging_dir=str(workdir / "logs"),
                           checkpoint_bucket=bucket_url if mode != "none" else "",
                           save_steps=base.save_steps if mode != "none" else 10**9)
-    trainer = TimedTrainer(validate(config), PreemptionFlag())
-    trainer.synchronous = mode == "sync"
-    trainer.blocked = []
-    trainer._set_up()
-    try:
+    trainer = Trainer(validate(config), PreemptionFlag())
+    blocked: list[float] = []
+    with trainer.cleanup:
+        trainer.set_up()
+        checkpointer = trainer.checkpointer
+        save = checkpointer.save
+
+        def timed_save(*args, **kwargs) -> None:
+            started = time.perf_counter()
+            save(*args, **kwargs)
+            if mode == "sync" and checkpointer.uploader is not None:
+                checkpointer.writer.wait_idle(3600)
+                checkpointer.uploader.wait_idle(3600)
+            blocked.append(time.perf_counter() - started)
+
+        checkpointer.save = timed_save
         started = time.perf_counter()
-        trainer._train()
+        trainer.train()
         elapsed = time.perf_counter() - started
-    finally:
-        trainer._tear_down()
-    return elapsed, trainer.blocked[:-1]  # the last save is the end-of-run one, after the clock matters
+    return elapsed, blocked[:-1]  # the last save is the end-of-run one, after the clock matters
 
 
 def main() -> None:

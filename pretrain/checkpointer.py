@@ -194,7 +194,7 @@ class Checkpointer:
 
     def finish(self, state: TrainState) -> None:
         """Waits for the newest checkpoint on disk and in the bucket; a failure of either ends the run on every rank."""
-        on_main(self.accelerator, self._raise_write_failure)
+        on_main(self.accelerator, self._wait_for_writer)
         on_main(self.accelerator, self._check_uploaded)
 
     def close(self) -> None:
@@ -270,7 +270,10 @@ class Checkpointer:
         return f"{self.output_dir}" + (f" or {self.remote.url}" if self.remote else "")
 
     def _wait_for_writer(self) -> None:
-        """One snapshot in host memory at a time: a save that comes due during the previous write waits (bounded)."""
+        """Until the writer is idle (bounded), then raises what it failed at. Also before a save: one snapshot in host
+        memory at a time, so a save that comes due during the previous write waits for it."""
+        if self.writer is None:
+            return
         waited = time.monotonic()
         if not self.writer.wait_idle(self.config.upload_timeout_seconds):
             raise CheckpointWriteError(
