@@ -8,7 +8,8 @@ import tempfile
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,9 @@ READ_TIMEOUT_SECONDS = 120.0
 PARTIAL_SUFFIX = ".partial"
 
 WRITE_PROBE_PREFIX = ".write-check-"
+
+# Objects in flight at once in download_many/upload_many; each large one also runs max_concurrency part requests.
+DEFAULT_FILE_WORKERS = 4
 
 T = TypeVar("T")
 
@@ -90,6 +94,14 @@ def atomic_local_file(local_path: Path) -> Iterator[Path]:
         temp_path.unlink(missing_ok=True)
 
 
+def _check_distinct(what: str, values: list[Any]) -> None:
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value} appears twice in one transfer batch; each must be transferred once")
+        seen.add(value)
+
+
 def built_once(factory: Callable[[Any], T]) -> T:
     """A lazily built, cached attribute (an SDK client) that concurrent first callers build only once."""
     name = factory.__name__
@@ -133,6 +145,67 @@ class Storage(ABC):
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
+
+    def download_many(self, pairs: Sequence[tuple[str, Path]], max_workers: int = DEFAULT_FILE_WORKERS) -> None:
+        """Downloads (key, local_path) pairs, up to max_workers objects at once, each atomically as download() does.
+
+        On the first failure the objects not yet started are cancelled and the running ones end (each bounded by
+        the SDK timeouts and retries); then the StorageError of the object that failed first is raised. On return
+        or raise no thread is still writing and no partial file is left; objects that completed stay in place.
+        """
+        for key, _ in pairs:
+            validate_key(key)  # a bad key fails before anything moves
+        _check_distinct("local path", [Path(path).resolve() for _, path in pairs])
+        self._transfer_many(self.download, list(pairs), max_workers, "download")
+
+    def upload_many(self, pairs: Sequence[tuple[Path, str]], max_workers: int = DEFAULT_FILE_WORKERS) -> None:
+        """Uploads (local_path, key) pairs, up to max_workers objects at once; failures end it as in download_many."""
+        for _, key in pairs:
+            validate_key(key)
+        _check_distinct("key", [key for _, key in pairs])
+        self._transfer_many(self.upload, list(pairs), max_workers, "upload")
+
+    def _transfer_many(self, transfer: Callable[[Any, Any], None], pairs: list[tuple[Any, Any]], max_workers: int,
+                       action: str) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        if not pairs:
+            return
+        failures: list[BaseException] = []  # in the order they happened; list.append is atomic across threads
+        stop = threading.Event()
+
+        def run(first: Any, second: Any) -> bool:
+            if stop.is_set():
+                return False
+            try:
+                transfer(first, second)
+            except BaseException as error:
+                failures.append(error)
+                stop.set()  # before this worker takes the next queued transfer
+                raise
+            return True
+
+        with ThreadPoolExecutor(max_workers=min(max_workers, len(pairs)), thread_name_prefix=f"storage-{action}") as pool:
+            futures = [pool.submit(run, first, second) for first, second in pairs]
+            try:
+                # No timeout here: each transfer is bounded by connect/read timeouts and a finite retry policy.
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                # After a failure (or an interrupt) queued transfers never start; leaving the `with` joins the
+                # running ones, so nothing writes after this method returns.
+                stop.set()
+                for future in futures:
+                    future.cancel()
+        if not failures:
+            return
+        not_started = sum(1 for future in futures if future.cancelled() or future.exception() is None and not future.result())
+        first = failures[0]
+        if not isinstance(first, StorageError):
+            raise first
+        others = [f"{len(failures) - 1} other {action}(s) failed too" if len(failures) > 1 else "",
+                  f"{not_started} not started" if not_started else ""]
+        detail = "; ".join(part for part in others if part)
+        raise StorageError(f"{first} ({detail})" if detail else str(first)) from None
 
     def object_url(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
