@@ -72,6 +72,10 @@ def documents() -> Iterator[tuple[str, str]]:
             yield path.relative_to(root).with_suffix("").as_posix().replace("/", "."), text
 
 
+def _json_line(source: str, text: str) -> bytes:
+    return (json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_sample_text(out_dir: Path, max_bytes: int) -> list[Path]:
     """Writes at most max_bytes of documents as JSON lines ({"text", "source"}), about 1 MiB per file.
 
@@ -94,8 +98,16 @@ def write_sample_text(out_dir: Path, max_bytes: int) -> list[Path]:
             buffer, buffered = [], 0
 
     for source, text in documents():
-        line = (json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n").encode("utf-8")
+        line = _json_line(source, text)
         if written + len(line) > max_bytes:
+            # The last document is cut at a paragraph so the corpus fills its budget.
+            paragraphs = text.split("\n\n")
+            while paragraphs and written + len(line) > max_bytes:
+                paragraphs.pop()
+                line = _json_line(source, "\n\n".join(paragraphs))
+            if paragraphs and len(line) >= MIN_DOCUMENT_CHARS:
+                buffer.append(line)
+                written += len(line)
             break
         buffer.append(line)
         buffered += len(line)
