@@ -24,8 +24,6 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 mapfile -d '' command < <(python -m pretrain.launch "$@")
 [ "${#command[@]}" -gt 0 ] || exit 2
-printf 'running:'; printf ' %q' "${command[@]}"; echo
-
 ORPHAN_GRACE_SECONDS=90  # above the default preemption grace (25 s) plus a step and a save
 launch_dir=$(mktemp -d)
 launcher=''
@@ -48,11 +46,21 @@ declare -A told=()  # pid -> how many signals it has been sent
 on_signal() {
   pending=$1
   signals=$((signals + 1))
-  [ -n "$(training_pids)" ] || echo "start_training.sh: SIG$1 received while starting up; the training processes get it as soon as they are ready" >&2
+  if [ -n "$launcher" ] && [ -z "$(training_pids)" ]; then
+    echo "start_training.sh: SIG$1 received while starting up; the training processes get it as soon as they are ready" >&2
+  fi
   deliver
+}
+# A signal from start-up waits until every local rank is ready (local_ranks, written by pretrain.accelerate_quietly),
+# so that they all get it at once; after that, and mid-training, it goes at once to every rank.
+all_ready() {
+  local expected
+  expected=$(cat "$launch_dir/local_ranks" 2>/dev/null) || return 1
+  [ "$(training_pids | wc -l)" -ge "$expected" ]
 }
 deliver() {
   local pid fresh=()
+  [ "${#told[@]}" -gt 0 ] || all_ready || return 0
   for pid in $(training_pids); do
     if [ "${told[$pid]:-0}" -lt "$signals" ] && ours "$pid"; then
       told[$pid]=$signals
@@ -84,8 +92,13 @@ clean_up() {
 # (not to accelerate, which would stop them before their emergency checkpoint is written).
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
+if [ -n "$pending" ]; then
+  echo "start_training.sh: stopped by SIG$pending before the training started; nothing has changed" >&2
+  exit 75
+fi
 setsid "${command[@]}" &
 launcher=$!
+printf 'running:'; printf ' %q' "${command[@]}"; echo
 while kill -0 "$launcher" 2>/dev/null; do
   if [ -n "$pending" ]; then
     sleep 0.2  # a signal is waiting for ranks that have not started yet: look for their pid files

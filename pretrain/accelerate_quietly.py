@@ -65,8 +65,16 @@ def _remember_signal(signum: int, frame) -> None:  # noqa: ARG001 - signal handl
     A Python handler, not SIG_IGN, so the training processes start with the default disposition."""
 
 
+def _record_local_ranks(args) -> None:
+    """How many rankN.pid files start_training.sh waits for before it passes on a signal that came during start-up."""
+    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
+    if launch_dir and args.num_processes:
+        Path(launch_dir, "local_ranks").write_text(f"{max(1, args.num_processes // (args.num_machines or 1))}\n")
+
+
 def run(argv: list[str]) -> int:
     args = launch_command_parser().parse_args(argv)
+    _record_local_ranks(args)
     _drop_routine_agent_messages()
     LocalElasticAgent._stop_workers = _stop_workers_within_shutdown_timeout
     # One process runs through accelerate's simple launcher, which dies on SIGTERM/SIGINT and leaves its child behind;
