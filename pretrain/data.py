@@ -8,7 +8,9 @@ import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "inspect_shards",
     "split_eval_shards",
     "verify_frozen_shards",
+    "OrderSpec",
     "SampleOrder",
     "TokenSamples",
     "RankBatchSampler",
@@ -39,11 +42,47 @@ __all__ = [
     "make_eval_batches",
 ]
 
-MIX_SHARDS = 2
+# Shards per block of the order. 16 random shards per block keeps consecutive batches diverse even when each shard
+# holds one stretch of the corpus (bench/bench_shuffle.py); the cost is that the first step needs 16 shards local
+# and each reader keeps 16 open (compressed ones decompressed in RAM).
+MIX_SHARDS = 16
+LEGACY_MIX_SHARDS = 2  # the order of runs whose checkpoints predate OrderSpec
+ORDER_VERSIONS = (1,)
 EPOCH_PLANS_CACHED = 2
 PERMUTATIONS_CACHED = 4
 SEED_TAG_SHARD_ORDER = 0
 SEED_TAG_BLOCK = 1
+
+
+@dataclass(frozen=True)
+class OrderSpec:
+    """The parameters of the sample order, frozen with a run: a resumed run keeps the order it started with.
+
+    version names the algorithm of SampleOrder.locate (1: shuffled blocks of mix_shards shards, samples shuffled
+    within a block); a change to that algorithm must come with a new version so old runs keep their order.
+    """
+
+    version: int = 1
+    mix_shards: int = MIX_SHARDS
+
+    def __post_init__(self):
+        if self.version not in ORDER_VERSIONS:
+            raise ValueError(
+                f"sample order version {self.version} is unknown to this code (it knows {list(ORDER_VERSIONS)}); "
+                f"resume with the code version that started the run"
+            )
+        if self.mix_shards < 1:
+            raise ValueError(f"mix_shards is {self.mix_shards}; expected at least 1 shard per block")
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "mix_shards": self.mix_shards}
+
+    @classmethod
+    def from_json(cls, d: dict) -> OrderSpec:
+        return cls(version=int(d["version"]), mix_shards=int(d["mix_shards"]))
+
+
+LEGACY_ORDER = OrderSpec(version=1, mix_shards=LEGACY_MIX_SHARDS)
 
 
 class SampleOrder:
@@ -106,6 +145,26 @@ class SampleOrder:
         member_start = int(member_ends[member - 1]) if member else 0
         return int(members[member]), position_in_block - member_start
 
+    def block_shards(self, global_index: int) -> list[int]:
+        """Positions of the shards of the block that holds global_index: what reading there needs first."""
+        _check_index(global_index)
+        epoch, index_in_epoch = divmod(global_index, self.samples_per_epoch)
+        shard_order, block_ends = self._epoch_plan(epoch)
+        block = int(np.searchsorted(block_ends, index_in_epoch, side="right"))
+        return [int(p) for p in shard_order[block * self.mix_shards : (block + 1) * self.mix_shards]]
+
+    def shards_in_need_order(self, global_index: int) -> list[int]:
+        """Every shard position once, in the order a reader starting at global_index first needs it: the rest of
+        this epoch block by block, then the next epoch's order for the shards this epoch has already passed."""
+        _check_index(global_index)
+        epoch, index_in_epoch = divmod(global_index, self.samples_per_epoch)
+        shard_order, block_ends = self._epoch_plan(epoch)
+        block = int(np.searchsorted(block_ends, index_in_epoch, side="right"))
+        ahead = [int(p) for p in shard_order[block * self.mix_shards :]]
+        seen = set(ahead)
+        after = [int(p) for p in self._epoch_plan(epoch + 1)[0] if int(p) not in seen]
+        return ahead + after
+
     def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's shard order and the cumulative sample count at the end of each block."""
         if epoch not in self._epoch_plans:
@@ -126,10 +185,17 @@ class SampleOrder:
         return self._permutations[key]
 
 
+class ShardGate(Protocol):
+    """Says when a shard may be opened; the data room's fetcher implements it (pretrain.shard_fetch.ReadyGate)."""
+
+    def wait_ready(self, rel_path: str) -> None: ...
+
+
 class TokenSamples(Dataset):
     """Samples of seq_len token ids indexed by global sample index (unbounded: index // samples_per_epoch is the
     epoch). Shards open lazily, at most cache_shards at a time per process; safe in DataLoader workers because
-    each process opens its own mappings and pickling drops them.
+    each process opens its own mappings and pickling drops them. With a gate, opening a shard first waits until
+    the gate says it has arrived and passed validation (shards fetched in the background).
     """
 
     def __init__(
@@ -138,9 +204,12 @@ class TokenSamples(Dataset):
         shards: list[ShardInfo],
         seq_len: int,
         seed: int,
-        cache_shards: int = 4,
+        cache_shards: int | None = None,
         mix_shards: int = MIX_SHARDS,
+        gate: ShardGate | None = None,
     ):
+        if cache_shards is None:
+            cache_shards = mix_shards + 2  # a block's shards, plus room for the next block's first ones
         if cache_shards < mix_shards:
             raise ValueError(
                 f"cache_shards is {cache_shards} but the order reads {mix_shards} shards at a time; "
@@ -150,6 +219,7 @@ class TokenSamples(Dataset):
         self.shards = list(shards)
         self.seq_len = seq_len
         self.cache_shards = cache_shards
+        self.gate = gate
         self.order = SampleOrder(self.shards, seq_len, seed, mix_shards)
         self._streams: OrderedDict[int, TokenStream] = OrderedDict()
         self._owner_pid = os.getpid()
@@ -174,6 +244,8 @@ class TokenSamples(Dataset):
             self._streams = OrderedDict()
             self._owner_pid = os.getpid()
         if position not in self._streams:
+            if self.gate is not None:
+                self.gate.wait_ready(self.shards[position].path)
             stream = TokenStream(self.data_dir / self.shards[position].path)
             _remember(self._streams, position, stream, self.cache_shards)
         self._streams.move_to_end(position)

@@ -129,24 +129,30 @@ def verify_frozen_shards(data_dir: Path, shards: list[ShardInfo]) -> None:
 
 def read_array_header(path: Path) -> ArrayHeader:
     """Parse the zip directory and the .npy header of input_ids; reads a few hundred bytes, never the tokens."""
+    with open(path, "rb") as handle:
+        return read_array_header_from(path, handle, path.stat().st_size)
+
+
+def read_array_header_from(name: Path | str, handle: BinaryIO, size: int) -> ArrayHeader:
+    """read_array_header over any seekable binary file of `size` bytes (a local file, or ranged reads of a remote
+    object); `name` is what errors call it."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            member = _find_member(path, archive)
+        with zipfile.ZipFile(handle) as archive:
+            member = _find_member(name, archive)
             if member.compress_type == zipfile.ZIP_STORED:
-                with open(path, "rb") as handle:
-                    member_start = _member_data_start(path, handle, member)
-                    handle.seek(member_start)
-                    dtype, shape, fortran_order = _read_npy_header(path, handle)
-                    data_offset = handle.tell()
+                member_start = _member_data_start(name, handle, member)
+                handle.seek(member_start)
+                dtype, shape, fortran_order = _read_npy_header(name, handle)
+                data_offset = handle.tell()
                 header = ArrayHeader(dtype, shape, fortran_order, stored=True, data_offset=data_offset)
-                _check_stored_extent(path, header, member_end=member_start + member.compress_size)
+                _check_stored_extent(name, header, member_end=min(member_start + member.compress_size, size))
                 return header
             with archive.open(member) as stream:
-                dtype, shape, fortran_order = _read_npy_header(path, stream)
+                dtype, shape, fortran_order = _read_npy_header(name, stream)
             return ArrayHeader(dtype, shape, fortran_order, stored=False, data_offset=None)
     except zipfile.BadZipFile as error:
         raise ShardError(
-            f"{path}: not a valid .npz (zip) file ({error}); expected an archive written by numpy.savez or "
+            f"{name}: not a valid .npz (zip) file ({error}); expected an archive written by numpy.savez or "
             f"numpy.savez_compressed ({FORMAT_HINT}); re-create or re-download it"
         ) from None
 
@@ -175,13 +181,23 @@ def check_token_ids(path: Path, header: ArrayHeader, vocab_size: int) -> None:
     info = np.iinfo(header.dtype)
     if info.min >= 0 and info.max < vocab_size:
         return
+    check_token_range(path, token_id_range(path, header), vocab_size)
+
+
+def token_id_range(path: Path, header: ArrayHeader) -> tuple[int, int]:
+    """(lowest, highest) id in the shard, from one chunked pass over its tokens; (0, -1) for no tokens."""
     low, high = None, None
     for chunk in _iter_token_chunks(path, header):
         if chunk.size:
             chunk_low, chunk_high = int(chunk.min()), int(chunk.max())
             low = chunk_low if low is None else min(low, chunk_low)
             high = chunk_high if high is None else max(high, chunk_high)
-    if low is not None and (low < 0 or high >= vocab_size):
+    return (0, -1) if low is None else (low, high)
+
+
+def check_token_range(path: Path, id_range: tuple[int, int], vocab_size: int) -> None:
+    low, high = id_range
+    if low < 0 or high >= vocab_size:
         raise ShardError(
             f"{path}: token ids in {ARRAY_NAME} range from {low} to {high}; expected 0 <= id < vocab_size "
             f"{vocab_size}; check that the tokenizer matches the model's vocab_size"
@@ -220,7 +236,7 @@ def _open_array(path: Path, header: ArrayHeader) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1)
 
 
-def _find_member(path: Path, archive: zipfile.ZipFile) -> zipfile.ZipInfo:
+def _find_member(path: Path | str, archive: zipfile.ZipFile) -> zipfile.ZipInfo:
     names = archive.namelist()
     for name in (f"{ARRAY_NAME}.npy", ARRAY_NAME):
         if name in names:
@@ -232,7 +248,7 @@ def _find_member(path: Path, archive: zipfile.ZipFile) -> zipfile.ZipInfo:
     )
 
 
-def _member_data_start(path: Path, handle: BinaryIO, member: zipfile.ZipInfo) -> int:
+def _member_data_start(path: Path | str, handle: BinaryIO, member: zipfile.ZipInfo) -> int:
     """Offset of a member's bytes: after its 30-byte local header, file name and extra field."""
     handle.seek(member.header_offset)
     raw = handle.read(ZIP_LOCAL_HEADER.size)
@@ -246,7 +262,7 @@ def _member_data_start(path: Path, handle: BinaryIO, member: zipfile.ZipInfo) ->
     return member.header_offset + ZIP_LOCAL_HEADER.size + name_length + extra_length
 
 
-def _read_npy_header(path: Path, handle: BinaryIO) -> tuple[np.dtype, tuple[int, ...], bool]:
+def _read_npy_header(path: Path | str, handle: BinaryIO) -> tuple[np.dtype, tuple[int, ...], bool]:
     try:
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
@@ -264,12 +280,12 @@ def _read_npy_header(path: Path, handle: BinaryIO) -> tuple[np.dtype, tuple[int,
     return np.dtype(dtype), tuple(int(n) for n in shape), bool(fortran_order)
 
 
-def _check_stored_extent(path: Path, header: ArrayHeader, member_end: int) -> None:
+def _check_stored_extent(path: Path | str, header: ArrayHeader, member_end: int) -> None:
     """Data running past its zip member would otherwise surface as a crash or garbage tokens mid-run."""
     if header.dtype.kind not in "iu":
         return
     needed_end = header.data_offset + header.num_tokens * header.dtype.itemsize
-    available_end = min(member_end, path.stat().st_size)
+    available_end = member_end
     if needed_end > available_end:
         raise ShardError(
             f"{path}: {ARRAY_NAME} is truncated (its header needs {needed_end - header.data_offset} data bytes, "

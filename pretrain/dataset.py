@@ -1,0 +1,287 @@
+"""The data room's facade: from a config (and, on resume, the frozen shard list) to the training and eval readers,
+with the shards the first steps need local and validated and the rest fetched in the background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.data import LEGACY_ORDER, OrderSpec, TokenSamples
+from pretrain.distributed import on_local_main, on_main
+from pretrain.sample_data import generate_sample_data
+from pretrain.shard_fetch import ReadyGate, ShardFetcher, inspect_local_headers, inspect_remote_shards
+from pretrain.shards import ShardError, ShardInfo, discover_shards, split_eval_shards
+from pretrain.storage import ObjectInfo, Storage, open_storage, storage_options
+
+log = logging.getLogger(__name__)
+
+DATASET_MANIFEST = "dataset.json"
+MANIFEST_FORMAT_VERSION = 1
+SHARD_SUFFIX = ".npz"
+# The order a fresh run freezes; a resumed run keeps the one in its checkpoint.
+DEFAULT_ORDER = OrderSpec()
+
+
+@dataclass(frozen=True)
+class FrozenShards:
+    """The shards and order of a run, fixed at step 0 and stored in every checkpoint."""
+
+    train: tuple[ShardInfo, ...]
+    eval: tuple[ShardInfo, ...]
+    order: OrderSpec = field(default_factory=OrderSpec)
+
+    @property
+    def all(self) -> tuple[ShardInfo, ...]:
+        return self.train + self.eval
+
+    def to_json(self) -> dict:
+        return {"train": [s.to_dict() for s in self.train], "eval": [s.to_dict() for s in self.eval],
+                "order": self.order.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> FrozenShards:
+        # Checkpoints written before the order was stored used blocks of two shards.
+        order = OrderSpec.from_json(d["order"]) if "order" in d else LEGACY_ORDER
+        return cls(train=tuple(ShardInfo.from_dict(s) for s in d["train"]),
+                   eval=tuple(ShardInfo.from_dict(s) for s in d["eval"]), order=order)
+
+
+@dataclass
+class TrainingData:
+    """What the loop reads: samples by global index. Shards not yet local are fetched by a background thread on
+    each node's first process; a reader that gets ahead of it waits (bounded) for the shard it needs."""
+
+    frozen: FrozenShards
+    train: TokenSamples
+    eval: TokenSamples | None
+    samples_per_epoch: int
+    source: str
+    ready_at_start: int
+    fetched_in_background: int
+    tokenizer_dir: Path | None = None  # holds the tokenizer.json that dataset.json names, for the final export
+    _fetcher: ShardFetcher | None = None
+
+    def describe(self) -> str:
+        order = self.frozen.order
+        background = (f", {self.fetched_in_background} more checked or fetched in the background from {self.source}"
+                      if self.fetched_in_background else "")
+        return (f"data: {len(self.frozen.train)} training shards ({self.samples_per_epoch:,} samples of "
+                f"{self.train.seq_len} tokens per epoch), {len(self.frozen.eval)} held out for evaluation; "
+                f"order v{order.version} mixing {order.mix_shards} shards per block; "
+                f"{self.ready_at_start} shards ready before step 1{background}")
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+
+
+def prepare_training_data(config, accelerator, frozen: FrozenShards | None, start_sample: int = 0) -> TrainingData:
+    """Freeze the shard list (fresh run: from dataset.json or shard headers, never the tokens), make the shards
+    of the first steps and the eval shards ready, and start fetching the rest in the order training needs them.
+
+    start_sample is the global sample training resumes at (0 on a fresh run): it decides which shards come first.
+    Errors (bad or missing shard, bucket trouble) are one line and raised on every rank.
+    """
+    data_dir = Path(config.data_dir)
+    if frozen is None:
+        frozen = on_main(accelerator, lambda: freeze_shards(config))
+    run_token = on_main(accelerator, lambda: uuid.uuid4().hex)
+    gate = ReadyGate(data_dir, run_token, config.model.vocab_size)
+    mix = frozen.order.mix_shards
+    train = TokenSamples(data_dir, list(frozen.train), config.seq_len, config.seed, mix_shards=mix, gate=gate)
+    evaluation = (TokenSamples(data_dir, list(frozen.eval), config.seq_len, config.seed, mix_shards=mix, gate=gate)
+                  if frozen.eval else None)
+    need = train.order.shards_in_need_order(start_sample)
+    first_block = set(train.order.block_shards(start_sample))
+    first = [frozen.train[p] for p in need if p in first_block] + list(frozen.eval)
+    rest = [frozen.train[p] for p in need if p not in first_block]
+    fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest))
+    try:
+        tokenizer_dir = on_main(accelerator, lambda: find_tokenizer(config))
+    except BaseException:
+        if fetcher is not None:
+            fetcher.close()
+        raise
+    return TrainingData(frozen=frozen, train=train, eval=evaluation, samples_per_epoch=train.samples_per_epoch,
+                        source=config.data_bucket or str(data_dir), ready_at_start=len(first),
+                        fetched_in_background=len(rest), tokenizer_dir=tokenizer_dir, _fetcher=fetcher)
+
+
+def find_tokenizer(config) -> Path | None:
+    """The folder holding the tokenizer file dataset.json names (fetched from the bucket when missing and checked
+    against its sha256), or None when the data has no manifest or it names no tokenizer."""
+    data_dir = Path(config.data_dir)
+    manifest_path = data_dir / DATASET_MANIFEST
+    storage = open_storage(config.data_bucket, storage_options(config)) if config.data_bucket else None
+    if not manifest_path.is_file() and storage is not None:
+        read_manifest_from_bucket(storage, data_dir)
+    manifest = read_manifest(manifest_path)
+    tokenizer = (manifest or {}).get("tokenizer") or {}
+    if not tokenizer.get("file"):
+        return None
+    path = data_dir / str(tokenizer["file"])
+    expected = tokenizer.get("sha256")
+    if storage is not None and (not path.is_file() or (expected and _sha256(path) != expected)):
+        storage.download(str(tokenizer["file"]), path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: {manifest_path} names this tokenizer file but it is missing; copy it beside the shards or "
+            f"re-create the data with `python -m pretrain.prepare_data`"
+        )
+    if expected and _sha256(path) != expected:
+        raise ValueError(
+            f"{path}: sha256 differs from the one {manifest_path} records; the shards were made with another "
+            f"tokenizer: restore the right file or re-create the data with `python -m pretrain.prepare_data`"
+        )
+    return path.parent
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def start_fetching(config, gate: ReadyGate, frozen: FrozenShards, first: list[ShardInfo],
+                   rest: list[ShardInfo]) -> ShardFetcher:
+    """On each node's first process: check every shard can be had (local or in the bucket; stat and listing only),
+    make `first` ready now, then start the background fetcher on `rest`."""
+    storage, remote = None, {}
+    if config.data_bucket:
+        storage = open_storage(config.data_bucket, storage_options(config))
+        remote = {info.key: info for info in list_shards(storage)}
+    check_obtainable(gate.data_dir, frozen.all, storage, remote)
+    fetcher = ShardFetcher(gate, config.seq_len, storage, remote)
+    fetcher.ensure(first)
+    fetcher.start(rest)
+    return fetcher
+
+
+def check_obtainable(data_dir: Path, shards: tuple[ShardInfo, ...], storage: Storage | None,
+                     remote: dict[str, ObjectInfo]) -> None:
+    """Before step 1, a shard the run can never get is an error, not a stall hours later."""
+    for shard in shards:
+        path = data_dir / shard.path
+        local_size = path.stat().st_size if path.is_file() else None
+        if local_size == shard.size_bytes:
+            continue
+        info = remote.get(shard.path)
+        if info is not None and info.size == shard.size_bytes:
+            continue
+        if storage is None and local_size is None:
+            raise FileNotFoundError(
+                f"{path}: shard recorded in the checkpoint is missing; resuming needs the exact shards the run "
+                f"started with, so restore them (or pass --data-bucket to fetch them) or start a new run"
+            )
+        if info is None and local_size is None:
+            raise FileNotFoundError(
+                f"{storage.object_url(shard.path)}: shard recorded in the checkpoint is missing from the data bucket "
+                f"(and from {data_dir}); restore it in the bucket or start a new run"
+            )
+        seen, where = (info.size, storage.object_url(shard.path)) if info is not None else (local_size, str(path))
+        raise ShardError(
+            f"{where}: shard has {seen} bytes but the checkpoint recorded {shard.size_bytes}; resuming needs the "
+            f"exact shards the run started with, so restore the original file or start a new run"
+        )
+
+
+def freeze_shards(config) -> FrozenShards:
+    """A fresh run's shard list: the bucket's shards (or the local folder's), token counts from dataset.json where
+    it lists a shard, else from each shard's header; the last eval_shards held out."""
+    data_dir = Path(config.data_dir)
+    max_files = config.max_files or None
+    objects: list[ObjectInfo] = []
+    if config.data_bucket:
+        storage = open_storage(config.data_bucket, storage_options(config))
+        objects = list_shards(storage)[:max_files]
+    if objects:
+        manifest = read_manifest_from_bucket(storage, data_dir)
+        known = _manifest_counts(manifest, {o.key: o.size for o in objects})
+        unknown = [o for o in objects if o.key not in known]
+        inspected = {s.path: s for s in inspect_remote_shards(storage, unknown, config.seq_len)}
+        shards = [known.get(o.key) or inspected[o.key] for o in objects]
+        manifest_name = storage.object_url(DATASET_MANIFEST)
+    else:
+        has_shards = data_dir.is_dir() and any(data_dir.rglob(f"*{SHARD_SUFFIX}"))
+        if config.generate_sample_data and not has_shards:
+            log.info("%s has no shards: writing the synthetic sample corpus there", data_dir)
+            generate_sample_data(data_dir, vocab_size=config.model.vocab_size, seed=config.seed)
+        rel_paths = discover_shards(data_dir, max_files)
+        manifest = read_manifest(data_dir / DATASET_MANIFEST)
+        known = _manifest_counts(manifest, {p: (data_dir / p).stat().st_size for p in rel_paths})
+        inspected = {s.path: s for s in inspect_local_headers(data_dir, [p for p in rel_paths if p not in known],
+                                                               config.seq_len)}
+        shards = [known.get(p) or inspected[p] for p in rel_paths]
+        manifest_name = str(data_dir / DATASET_MANIFEST)
+    if manifest is not None:
+        _check_manifest_vocab(manifest_name, manifest, config.model.vocab_size)
+    for shard in shards:
+        if shard.num_samples(config.seq_len) == 0:
+            raise ShardError(
+                f"{data_dir / shard.path}: {manifest_name} lists {shard.num_tokens} tokens, fewer than seq_len "
+                f"{config.seq_len}, so it yields no sample; remove the shard, merge it into another, or lower seq_len"
+            )
+    train, evaluation = split_eval_shards(shards, config.eval_shards)
+    return FrozenShards(train=tuple(train), eval=tuple(evaluation), order=DEFAULT_ORDER)
+
+
+def list_shards(storage: Storage) -> list[ObjectInfo]:
+    return sorted((o for o in storage.list() if o.key.endswith(SHARD_SUFFIX)), key=lambda o: o.key)
+
+
+def read_manifest_from_bucket(storage: Storage, data_dir: Path) -> dict | None:
+    """dataset.json from the bucket, kept beside the local shards too."""
+    if not storage.exists(DATASET_MANIFEST):
+        return None
+    storage.download(DATASET_MANIFEST, data_dir / DATASET_MANIFEST)
+    return read_manifest(data_dir / DATASET_MANIFEST, storage.object_url(DATASET_MANIFEST))
+
+
+def read_manifest(path: Path, name: str | None = None) -> dict | None:
+    name = name or str(path)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        version = manifest["format_version"]
+        entries = manifest["shards"]
+        for entry in entries:
+            str(entry["path"]), int(entry["num_tokens"]), int(entry["size_bytes"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{name}: not a readable dataset manifest ({type(error).__name__}: {error}); re-create it with "
+            f"`python -m pretrain.prepare_data` or delete it (token counts then come from the shard headers)"
+        ) from None
+    if version != MANIFEST_FORMAT_VERSION:
+        raise ValueError(
+            f"{name}: format_version {version} is unknown (this code reads {MANIFEST_FORMAT_VERSION}); "
+            f"re-create it with this version's `python -m pretrain.prepare_data`"
+        )
+    return manifest
+
+
+def _manifest_counts(manifest: dict | None, sizes: dict[str, int]) -> dict[str, ShardInfo]:
+    """ShardInfo for each shard the manifest lists with the size the shard has now; a shard rewritten since the
+    manifest was made falls back to its header."""
+    if manifest is None:
+        return {}
+    counts = {}
+    for entry in manifest["shards"]:
+        path, size = str(entry["path"]), int(entry["size_bytes"])
+        if sizes.get(path) == size:
+            counts[path] = ShardInfo(path=path, num_tokens=int(entry["num_tokens"]), size_bytes=size)
+    return counts
+
+
+def _check_manifest_vocab(name: str, manifest: dict, vocab_size: int) -> None:
+    data_vocab = manifest.get("vocab_size")
+    if data_vocab is not None and int(data_vocab) > vocab_size:
+        raise ValueError(
+            f"{name}: the shards were tokenized with vocab_size {data_vocab}, larger than the model's --vocab-size "
+            f"{vocab_size}; pass --vocab-size {data_vocab} (or more)"
+        )

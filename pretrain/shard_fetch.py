@@ -1,0 +1,340 @@
+"""Getting shards local and validated while training runs: the fetcher (one per node, in need order), the gate that
+readers wait on before opening a shard, and cheap inspection of remote shards by ranged header reads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.download import is_intact, local_path_for
+from pretrain.shards import (
+    ShardError,
+    ShardInfo,
+    check_header,
+    check_token_range,
+    read_array_header,
+    read_array_header_from,
+    token_id_range,
+)
+from pretrain.storage import ObjectInfo, Storage
+
+log = logging.getLogger(__name__)
+
+# Per-shard validation records and per-run fetcher status files live here, inside the data folder, so every
+# process of the node (DataLoader workers included) sees them, and a restarted VM with the same disk skips work.
+CHECKED_DIR = ".pretrain-checked"
+MARKER_FORMAT = 1
+HEARTBEAT_SECONDS = 2.0
+# A fetcher whose heartbeat is this old has died with its process; readers stop waiting for it.
+STALE_SECONDS = 60.0
+# The longest a reader waits for one shard even while the fetcher lives: a stuck download must end the run.
+WAIT_SECONDS = 3600.0
+POLL_SECONDS = 0.2
+FETCH_WORKERS = 4
+HEADER_WORKERS = 16
+RANGE_CHUNK_BYTES = 64 * 1024
+CLOSE_WAIT_SECONDS = 10.0
+
+
+class FetchFailed(ShardError):
+    """The background fetcher stopped on an error; the message is its one line."""
+
+
+class ReadyGate:
+    """Whether a shard is local and validated, as recorded by the fetcher; picklable for DataLoader workers.
+
+    A shard is ready when its marker matches the file's current size and mtime and its recorded id range fits
+    vocab_size. wait_ready() blocks until then, and ends with a one-line error when the fetcher reports a
+    failure, when its heartbeat goes stale, when it finished without the shard, or after wait_seconds.
+    """
+
+    def __init__(self, data_dir: Path, run_token: str, vocab_size: int, wait_seconds: float = WAIT_SECONDS,
+                 stale_seconds: float = STALE_SECONDS):
+        self.data_dir = Path(data_dir)
+        self.run_token = run_token
+        self.vocab_size = vocab_size
+        self.wait_seconds = wait_seconds
+        self.stale_seconds = stale_seconds
+
+    @property
+    def checked_dir(self) -> Path:
+        return self.data_dir / CHECKED_DIR
+
+    def marker_path(self, rel_path: str) -> Path:
+        return self.checked_dir.joinpath(*f"{rel_path}.json".split("/"))
+
+    def status_path(self, kind: str) -> Path:
+        return self.checked_dir / f"run-{self.run_token}.{kind}"
+
+    def is_ready(self, rel_path: str) -> bool:
+        try:
+            marker = json.loads(self.marker_path(rel_path).read_text())
+            stat = (self.data_dir / rel_path).stat()
+        except (OSError, ValueError):
+            return False
+        return (
+            marker.get("format") == MARKER_FORMAT
+            and marker.get("size") == stat.st_size
+            and marker.get("mtime_ns") == stat.st_mtime_ns
+            and marker["min_id"] >= 0
+            and marker["max_id"] < self.vocab_size
+        )
+
+    def failure(self) -> str | None:
+        try:
+            return self.status_path("error").read_text().strip() or "the shard fetcher failed"
+        except OSError:
+            return None
+
+    def wait_ready(self, rel_path: str) -> None:
+        if self.is_ready(rel_path):
+            return
+        began = time.monotonic()
+        logged = False
+        while not self.is_ready(rel_path):
+            message = self.failure()
+            if message is not None:
+                raise FetchFailed(message)
+            if self.status_path("done").exists():
+                raise FetchFailed(
+                    f"{self.data_dir / rel_path}: shard is not ready although the fetcher finished (deleted or "
+                    f"changed during the run?); restore it and resume"
+                )
+            waited = time.monotonic() - began
+            heartbeat = self._heartbeat_age()
+            if heartbeat is not None and heartbeat > self.stale_seconds:
+                raise FetchFailed(
+                    f"{self.data_dir / rel_path}: waiting for this shard, but the shard fetcher stopped "
+                    f"{heartbeat:.0f} s ago without a word (its process died?); resume to restart it"
+                )
+            if waited > self.wait_seconds:
+                raise FetchFailed(
+                    f"{self.data_dir / rel_path}: shard still not fetched after {waited:.0f} s; check the data "
+                    f"bucket and the network, then resume"
+                )
+            if not logged:
+                log.warning("waiting for shard %s to arrive (fetched in the background)", rel_path)
+                logged = True
+            time.sleep(POLL_SECONDS)
+
+    def _heartbeat_age(self) -> float | None:
+        try:
+            return time.time() - self.status_path("alive").stat().st_mtime
+        except OSError:
+            return None
+
+
+class ShardFetcher:
+    """Makes shards local and validated, in the order given: download when missing or damaged (with a bucket),
+    check size, header and token ids, then write the marker the gate reads. One per node (its local main).
+    """
+
+    def __init__(self, gate: ReadyGate, seq_len: int, storage: Storage | None = None,
+                 remote: dict[str, ObjectInfo] | None = None, workers: int = FETCH_WORKERS):
+        self.gate = gate
+        self.seq_len = seq_len
+        self.storage = storage
+        self.remote = remote or {}
+        self.workers = workers
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.made_ready: list[str] = []  # in completion order; tests count downloads by it
+        self.downloaded: list[str] = []
+
+    def ensure(self, shards: Iterable[ShardInfo]) -> None:
+        """Blocking, on the calling thread: every given shard ready or a one-line error naming the first bad one."""
+        shards = list(shards)
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            for future in [pool.submit(self._make_ready, shard) for shard in shards]:
+                future.result()
+
+    def start(self, shards: Iterable[ShardInfo]) -> None:
+        """Fetch the rest in the background, in the given order, self.workers at a time."""
+        shards = list(shards)
+        self.gate.checked_dir.mkdir(parents=True, exist_ok=True)
+        self._touch_heartbeat()
+        self._thread = threading.Thread(target=self._run, args=(shards,), name="shard-fetcher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = CLOSE_WAIT_SECONDS) -> None:
+        """Stops taking new shards; waits up to timeout for those in flight (the threads are daemons after that)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for kind in ("alive", "done"):
+            self.gate.status_path(kind).unlink(missing_ok=True)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self, shards: list[ShardInfo]) -> None:
+        pending = iter(shards)
+        lock = threading.Lock()
+        errors: list[str] = []
+
+        def work() -> None:
+            while not self._stop.is_set() and not errors:
+                with lock:
+                    shard = next(pending, None)
+                if shard is None:
+                    return
+                try:
+                    self._make_ready(shard)
+                except Exception as error:  # noqa: BLE001 - reported to every reader through the error file
+                    errors.append(one_line(error))
+                    self._stop.set()
+
+        # Daemon threads rather than a pool: a download in flight must not hold the interpreter at exit.
+        threads = [threading.Thread(target=work, name=f"shard-fetch-{i}", daemon=True) for i in range(self.workers)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            self._touch_heartbeat()
+            for thread in threads:
+                thread.join(HEARTBEAT_SECONDS / len(threads))
+        if errors:
+            _write_atomically(self.gate.status_path("error"), errors[0] + "\n")
+        elif not self._stop.is_set():
+            _write_atomically(self.gate.status_path("done"), "")
+
+    def _touch_heartbeat(self) -> None:
+        path = self.gate.status_path("alive")
+        path.touch()
+        os.utime(path)
+
+    def _make_ready(self, shard: ShardInfo) -> None:
+        gate, path = self.gate, self.gate.data_dir / shard.path
+        if gate.is_ready(shard.path) and path.stat().st_size == shard.size_bytes:
+            return
+        remote = self.remote.get(shard.path)
+        if self.storage is not None and remote is not None:
+            if not is_intact(path, remote):
+                self.storage.download(shard.path, local_path_for(gate.data_dir, shard.path))
+                self.downloaded.append(shard.path)
+        elif not path.is_file():
+            where = f" and {self.storage.url} lacks it" if self.storage is not None else ""
+            raise FileNotFoundError(
+                f"{path}: shard of this run is missing{where}; restore it (or its bucket) and resume, or start a new run"
+            )
+        stat = path.stat()
+        if stat.st_size != shard.size_bytes:
+            raise ShardError(
+                f"{path}: shard has {stat.st_size} bytes but the run recorded {shard.size_bytes}; the run needs the "
+                f"exact shards it started with, so restore the original file or start a new run"
+            )
+        header = read_array_header(path)
+        check_header(path, header, self.seq_len)
+        if header.num_tokens != shard.num_tokens:
+            raise ShardError(
+                f"{path}: shard holds {header.num_tokens} tokens but the run recorded {shard.num_tokens}; "
+                f"restore the original file or start a new run"
+            )
+        info = np.iinfo(header.dtype)
+        if info.min >= 0 and info.max < gate.vocab_size:
+            id_range = (0, int(info.max))  # the dtype cannot hold an out-of-range id: no need to read the tokens
+        else:
+            id_range = token_id_range(path, header)
+            check_token_range(path, id_range, gate.vocab_size)
+        marker = {"format": MARKER_FORMAT, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "num_tokens": header.num_tokens, "min_id": id_range[0], "max_id": id_range[1]}
+        _write_atomically(gate.marker_path(shard.path), json.dumps(marker))
+        self.made_ready.append(shard.path)
+
+
+class RangeFile(io.RawIOBase):
+    """A remote object as a read-only seekable file, fetched in aligned chunks by Storage.read_range (cached), so
+    zipfile can find a shard's .npy header with two or three small requests instead of a download."""
+
+    def __init__(self, storage: Storage, key: str, size: int, chunk_bytes: int = RANGE_CHUNK_BYTES):
+        super().__init__()
+        self.storage, self.key, self.size, self.chunk_bytes = storage, key, size, chunk_bytes
+        self.position = 0
+        self.chunks: dict[int, bytes] = {}
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.size, self.position + len(buffer))
+        filled = 0
+        while self.position < end:
+            index = self.position // self.chunk_bytes
+            chunk = self._chunk(index)
+            within = self.position - index * self.chunk_bytes
+            piece = chunk[within : within + end - self.position]
+            if not piece:
+                break
+            buffer[filled : filled + len(piece)] = piece
+            filled += len(piece)
+            self.position += len(piece)
+        return filled
+
+    def _chunk(self, index: int) -> bytes:
+        if index not in self.chunks:
+            self.chunks[index] = self.storage.read_range(self.key, index * self.chunk_bytes, self.chunk_bytes)
+            self.requests += 1
+        return self.chunks[index]
+
+
+def inspect_remote_shards(storage: Storage, objects: list[ObjectInfo], seq_len: int,
+                          workers: int = HEADER_WORKERS) -> list[ShardInfo]:
+    """ShardInfo of each object from its .npy header alone (ranged reads, in parallel); ShardError names the first
+    bad one by URL. Costs a few small requests per shard, never the tokens."""
+
+    def inspect(info: ObjectInfo) -> ShardInfo:
+        name = storage.object_url(info.key)
+        header = read_array_header_from(name, io.BufferedReader(RangeFile(storage, info.key, info.size)), info.size)
+        check_header(name, header, seq_len)
+        return ShardInfo(path=info.key, num_tokens=header.num_tokens, size_bytes=info.size)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(inspect, objects))
+
+
+def inspect_local_headers(data_dir: Path, rel_paths: list[str], seq_len: int,
+                          workers: int = HEADER_WORKERS) -> list[ShardInfo]:
+    """ShardInfo of each local shard from its header alone; the token-id check waits for the fetcher."""
+
+    def inspect(rel_path: str) -> ShardInfo:
+        path = data_dir / rel_path
+        header = read_array_header(path)
+        check_header(path, header, seq_len)
+        return ShardInfo(path=rel_path, num_tokens=header.num_tokens, size_bytes=path.stat().st_size)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(inspect, rel_paths))
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)

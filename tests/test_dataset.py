@@ -1,0 +1,304 @@
+"""The data room's facade: a fresh run starts after only the first block's shards, the rest arrive in the background
+in need order; resume on an empty disk fetches the frozen shards; failures are one line and end every wait."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain.dataset as dataset_module
+import pretrain.shard_fetch as shard_fetch
+from pretrain.data import LEGACY_ORDER, MIX_SHARDS, OrderSpec, SampleOrder, make_train_loader
+from pretrain.dataset import DATASET_MANIFEST, FrozenShards, prepare_training_data
+from pretrain.shard_fetch import FetchFailed, RangeFile, ReadyGate, ShardFetcher, inspect_remote_shards
+from pretrain.shards import ShardError, ShardInfo, read_array_header
+from pretrain.storage import open_storage
+from pretrain.storage.local import LocalStorage
+
+SEQ_LEN = 8
+VOCAB = 1000
+NUM_SHARDS = 40
+MIX = 4  # a small window, so 40 shards make ten blocks
+ONE_PROCESS = SimpleNamespace(is_main_process=True, is_local_main_process=True, num_processes=1)
+
+
+def write_shards(folder: Path, count: int, samples: int = 5, first_id: int = 0) -> None:
+    """Shard i holds ids counting up from first_id + i*samples*SEQ_LEN (mod VOCAB), in mixed formats."""
+    for index in range(count):
+        start = first_id + index * samples * SEQ_LEN
+        ids = (np.arange(start, start + samples * SEQ_LEN) % VOCAB).astype(np.uint16 if index % 2 else np.int32)
+        if index % 3 == 1:
+            ids = ids.reshape(-1, SEQ_LEN)
+        path = folder / ("part" if index % 4 == 0 else "") / f"shard_{index:03d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (np.savez_compressed if index % 5 == 2 else np.savez)(path, input_ids=ids)
+
+
+def config(data_dir: Path, bucket: str = "", **changes) -> SimpleNamespace:
+    fields = dict(data_dir=str(data_dir), data_bucket=bucket, max_files=0, seq_len=SEQ_LEN, seed=7, eval_shards=2,
+                  model=SimpleNamespace(vocab_size=VOCAB), generate_sample_data=False, gcs_credentials="",
+                  gcp_project="", s3_endpoint_url="", storage_max_retries=1, storage_retry_backoff_seconds=0.1)
+    fields.update(changes)
+    return SimpleNamespace(**fields)
+
+
+class HeldStorage(LocalStorage):
+    """A file:// bucket that records downloads as they start; while `hold` is set, the background fetcher's
+    downloads wait for `release`, so a test sees exactly what set-up fetched before returning."""
+
+    def __init__(self, url, options):
+        super().__init__(url, options)
+        self.downloads: list[str] = []
+        self.hold = threading.Event()
+        self.release = threading.Event()
+
+    def download(self, key, local_path):
+        self.downloads.append(key)
+        if self.hold.is_set() and threading.current_thread().name.startswith("shard-fetch-"):
+            assert self.release.wait(30), "test never released the held downloads"
+        super().download(key, local_path)
+
+
+@dataclass
+class Bucket:
+    url: str
+    storage: HeldStorage
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch) -> Bucket:
+    root = tmp_path / "bucket"
+    write_shards(root, NUM_SHARDS)
+    storage = HeldStorage(root.as_uri(), None)
+    monkeypatch.setattr(dataset_module, "open_storage", lambda url, options: storage)
+    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=MIX))
+    return Bucket(root.as_uri(), storage)
+
+
+def local_npz(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*.npz")}
+
+
+def wait_until(condition, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_fresh_run_starts_after_the_first_block_and_fetches_the_rest_in_need_order(tmp_path, bucket):
+    data_dir = tmp_path / "data"
+    bucket.storage.hold.set()  # set-up may fetch only what it must; the background fetcher waits for release
+    training = prepare_training_data(config(data_dir, bucket.url), ONE_PROCESS, None)
+    try:
+        order = training.train.order
+        first_block = {training.frozen.train[p].path for p in order.block_shards(0)}
+        eval_paths = {s.path for s in training.frozen.eval}
+        assert len(first_block) == MIX and len(training.frozen.train) == NUM_SHARDS - 2
+        # Only the first block and the eval shards are local at return (downloads in flight are still partial).
+        assert local_npz(data_dir) == first_block | eval_paths
+        first_samples = [training.train[i] for i in range(20)]  # readable without waiting for anything else
+        assert len(first_samples) == 20
+
+        bucket.storage.release.set()
+        far = 3 * training.samples_per_epoch // 4  # a late block: the reader waits for the fetcher, then reads
+        shard, within = order.locate(far)
+        expected = np.load(bucket.storage.root / training.frozen.train[shard].path)["input_ids"].reshape(-1)
+        np.testing.assert_array_equal(training.train[far].numpy(), expected[within * SEQ_LEN:(within + 1) * SEQ_LEN])
+        wait_until(lambda: local_npz(data_dir) == {s.path for s in training.frozen.all})
+        need = [training.frozen.train[p].path for p in order.shards_in_need_order(0)]
+        expected_order = [p for p in need if p not in first_block]
+        background = [k for k in bucket.storage.downloads if k not in first_block | eval_paths]
+        assert sorted(background) == sorted(expected_order)
+        # Parallel downloads finish in any order, but none runs more than the pool's width ahead of its turn.
+        lateness = [abs(background.index(k) - i) for i, k in enumerate(expected_order)]
+        assert max(lateness) < shard_fetch.FETCH_WORKERS, "background fetch left the need order"
+        assert training.eval is not None and "order v1 mixing 4 shards" in training.describe()
+    finally:
+        bucket.storage.release.set()
+        training.close()
+
+
+def test_resume_on_an_empty_disk_fetches_the_frozen_shards_and_reads_the_same_samples(tmp_path, bucket):
+    first_vm = prepare_training_data(config(tmp_path / "vm1", bucket.url), ONE_PROCESS, None)
+    frozen = FrozenShards.from_json(json.loads(json.dumps(first_vm.frozen.to_json())))
+    wait_until(lambda: len(local_npz(tmp_path / "vm1")) == NUM_SHARDS)
+    k = first_vm.samples_per_epoch // 2 + 3
+    reference = [first_vm.train[k + i] for i in range(40)]
+    first_vm.close()
+    write_shards(bucket.storage.root / "added_later", 3)  # not part of the frozen run
+
+    second_vm = prepare_training_data(config(tmp_path / "vm2", bucket.url), ONE_PROCESS, frozen, start_sample=k)
+    try:
+        assert second_vm.frozen == frozen
+        batches = itertools.islice(make_train_loader(second_vm.train, k, 4, 0, 1, num_workers=0), 10)
+        assert torch.equal(torch.cat(list(batches)), torch.stack(reference))
+        wait_until(lambda: local_npz(tmp_path / "vm2") == {s.path for s in frozen.all})
+        # The shards of the resumed block came first.
+        block = {frozen.train[p].path for p in second_vm.train.order.block_shards(k)}
+        assert set(bucket.storage.downloads[-NUM_SHARDS:][:MIX]) <= block | {s.path for s in frozen.eval}
+    finally:
+        second_vm.close()
+
+
+def test_resume_without_a_shard_in_the_bucket_is_one_line_naming_it(tmp_path, bucket):
+    training = prepare_training_data(config(tmp_path / "vm1", bucket.url), ONE_PROCESS, None)
+    training.close()
+    lost = training.frozen.train[-1].path
+    (bucket.storage.root / lost).unlink()
+
+    with pytest.raises(FileNotFoundError) as caught:
+        prepare_training_data(config(tmp_path / "vm2", bucket.url), ONE_PROCESS, training.frozen)
+    message = str(caught.value)
+    assert "\n" not in message and lost in message and "missing from the data bucket" in message
+
+
+def test_resume_without_bucket_or_local_shard_names_it(tmp_path):
+    write_shards(tmp_path / "data", 4)
+    training = prepare_training_data(config(tmp_path / "data", eval_shards=1), ONE_PROCESS, None)
+    training.close()
+    (tmp_path / "data" / training.frozen.train[1].path).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{training.frozen.train[1].path}: shard recorded in the checkpoint"):
+        prepare_training_data(config(tmp_path / "data", eval_shards=1), ONE_PROCESS, training.frozen)
+
+
+def test_a_bad_shard_late_in_the_order_does_not_delay_start_and_fails_its_reader(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    write_shards(data_dir, 12)
+    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2))
+    frozen = dataset_module.freeze_shards(config(data_dir, eval_shards=1))
+    order = SampleOrder(list(frozen.train), SEQ_LEN, 7, mix_shards=2)
+    bad = frozen.train[order.shards_in_need_order(0)[-1]]  # the last shard the order needs
+    original = np.load(data_dir / bad.path)["input_ids"]
+    np.savez(data_dir / bad.path, input_ids=np.full_like(original, VOCAB + 5))  # same size, ids past the vocab
+    scanned, scanned_at_start = [], []
+    real_range, real_start = shard_fetch.token_id_range, ShardFetcher.start
+    monkeypatch.setattr(shard_fetch, "token_id_range", lambda p, h: scanned.append(p) or real_range(p, h))
+    monkeypatch.setattr(ShardFetcher, "start", lambda self, rest: scanned_at_start.extend(scanned) or real_start(self, rest))
+
+    training = prepare_training_data(config(data_dir, eval_shards=1), ONE_PROCESS, None)
+    try:
+        assert training.frozen == frozen
+        assert len(scanned_at_start) == 2 + 1, "start-up read more than the first block and the eval shard"
+        position = frozen.train.index(bad)
+        index = next(i for i in range(training.samples_per_epoch) if order.locate(i)[0] == position)
+        with pytest.raises(FetchFailed) as caught:
+            training.train[index]
+        message = str(caught.value)
+        assert bad.path in message and str(VOCAB + 5) in message and "\n" not in message
+    finally:
+        training.close()
+
+
+def test_a_waiting_reader_learns_the_fetcher_died(tmp_path):
+    gate = ReadyGate(tmp_path, "run1", VOCAB, wait_seconds=30, stale_seconds=0.5)
+    gate.checked_dir.mkdir(parents=True)
+    gate.status_path("alive").touch()  # a fetcher that was alive, then stopped beating
+    began = time.monotonic()
+    with pytest.raises(FetchFailed, match="shard_x.npz: waiting for this shard, but the shard fetcher stopped"):
+        gate.wait_ready("shard_x.npz")
+    assert time.monotonic() - began < 5
+
+    quiet = ReadyGate(tmp_path, "run2", VOCAB, wait_seconds=0.5)
+    with pytest.raises(FetchFailed, match="still not fetched after"):
+        quiet.wait_ready("shard_x.npz")
+
+    reported = ReadyGate(tmp_path, "run3", VOCAB)
+    reported.status_path("error").write_text("data/a.npz: token ids ... too large\n")
+    with pytest.raises(FetchFailed, match="data/a.npz: token ids"):
+        reported.wait_ready("shard_x.npz")
+
+
+def test_a_fetcher_that_dies_fails_readers_in_dataloader_workers(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    write_shards(data_dir, 12)
+    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2))
+    real_make_ready = ShardFetcher._make_ready
+    background = threading.Event()
+
+    def dying(self, shard):
+        if background.is_set():
+            raise OSError(f"{data_dir / shard.path}: disk went away")
+        real_make_ready(self, shard)
+
+    monkeypatch.setattr(ShardFetcher, "_make_ready", dying)
+    real_start = ShardFetcher.start
+    monkeypatch.setattr(ShardFetcher, "start", lambda self, shards: background.set() or real_start(self, shards))
+    training = prepare_training_data(config(data_dir, eval_shards=1), ONE_PROCESS, None)
+    try:
+        loader = iter(make_train_loader(training.train, 0, 4, 0, 1, num_workers=1))
+        began = time.monotonic()
+        with pytest.raises(Exception, match="disk went away"):
+            for _ in range(training.samples_per_epoch):
+                next(loader)
+        assert time.monotonic() - began < 30
+    finally:
+        training.close()
+
+
+def test_dataset_manifest_gives_token_counts_without_reading_headers(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    write_shards(data_dir, 6)
+    rel = sorted(local_npz(data_dir))
+    entries = [{"path": p, "num_tokens": int(np.load(data_dir / p)["input_ids"].size),
+                "size_bytes": (data_dir / p).stat().st_size} for p in rel]
+    (data_dir / "tokenizer.json").write_text("{}")
+    digest = hashlib.sha256(b"{}").hexdigest()
+    manifest = {"format_version": 1, "tokenizer": {"file": "tokenizer.json", "sha256": digest}, "vocab_size": VOCAB,
+                "eos_token_id": 0, "dtype": "uint16", "shards": entries}
+    (data_dir / DATASET_MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(dataset_module, "inspect_local_headers", lambda d, paths, s: [] if not paths else 1 / 0)
+
+    frozen = dataset_module.freeze_shards(config(data_dir, eval_shards=1))
+    assert [s.path for s in frozen.all] == rel and [s.num_tokens for s in frozen.all] == [e["num_tokens"] for e in entries]
+    assert dataset_module.find_tokenizer(config(data_dir)) == data_dir
+
+    with pytest.raises(ValueError, match=f"{DATASET_MANIFEST}: the shards were tokenized with vocab_size {VOCAB}.*"
+                                         f"--vocab-size {VOCAB - 1}"):
+        dataset_module.freeze_shards(config(data_dir, model=SimpleNamespace(vocab_size=VOCAB - 1)))
+
+
+@pytest.mark.parametrize("compressed, shape, order", [(False, (2**18,), "C"), (True, (2**18,), "C"),
+                                                      (False, (2**9, 2**9), "F"), (True, (2**9, 2**9), "C")])
+def test_remote_headers_come_from_a_few_ranged_reads(tmp_path, compressed, shape, order):
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=shape, dtype=np.int32)
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "s.npz", input_ids=np.asarray(ids, order=order))
+    storage = open_storage(tmp_path.as_uri())
+    size = (tmp_path / "s.npz").stat().st_size
+    assert size > 4 * shard_fetch.RANGE_CHUNK_BYTES
+    ranged = RangeFile(storage, "s.npz", size)
+
+    header = shard_fetch.read_array_header_from("s.npz", io.BufferedReader(ranged), size)
+
+    assert header == read_array_header(tmp_path / "s.npz")
+    assert ranged.requests <= 3  # the zip directory at the end, the local and .npy headers at the start
+    [info] = inspect_remote_shards(storage, storage.list(), SEQ_LEN)
+    assert info == ShardInfo("s.npz", 2**18, size)
+
+
+def test_remote_bad_header_is_one_line_naming_the_object(tmp_path):
+    np.savez(tmp_path / "a.npz", input_ids=np.zeros(64, np.float32))
+    storage = open_storage(tmp_path.as_uri())
+    with pytest.raises(ShardError, match=r"a\.npz: input_ids has dtype float32"):
+        inspect_remote_shards(storage, storage.list(), SEQ_LEN)
+
+
+def test_frozen_shards_round_trip_and_old_checkpoints_keep_their_order():
+    frozen = FrozenShards((ShardInfo("a.npz", 80, 900),), (ShardInfo("b.npz", 64, 700),), OrderSpec(mix_shards=8))
+    assert FrozenShards.from_json(json.loads(json.dumps(frozen.to_json()))) == frozen
+    old = {"train": [{"path": "a.npz", "num_tokens": 80, "size_bytes": 900}], "eval": []}
+    assert FrozenShards.from_json(old).order == LEGACY_ORDER == OrderSpec(version=1, mix_shards=2)
+    assert OrderSpec().mix_shards == MIX_SHARDS
+    with pytest.raises(ValueError, match=r"^sample order version 9 is unknown to this code \(it knows \[1\]\)"):
+        FrozenShards.from_json({**frozen.to_json(), "order": {"version": 9, "mix_shards": 8}})
