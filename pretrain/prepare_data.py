@@ -722,7 +722,8 @@ def _tokenizer_sample(settings: Settings, units: list[Unit], budget: int) -> Ite
                     break
 
 
-def _prepare_tokenizer(args: argparse.Namespace, work: Path, settings: Settings, units: list[Unit]) -> LoadedTokenizer:
+def _prepare_tokenizer(args: argparse.Namespace, given: LoadedTokenizer | None, work: Path, settings: Settings,
+                       units: list[Unit]) -> LoadedTokenizer:
     path = work / TOKENIZER_JSON
     if not path.exists():
         if args.train_tokenizer:
@@ -732,10 +733,10 @@ def _prepare_tokenizer(args: argparse.Namespace, work: Path, settings: Settings,
             train_byte_level_bpe(_tokenizer_sample(settings, units, args.tokenizer_sample_bytes), args.vocab_size, temp)
             os.replace(temp, path)
         else:
-            source = load_tokenizer(args.tokenizer, args.eos_token).json_path
-            _atomic(path, lambda handle: handle.write(source.read_bytes()))
-    return load_tokenizer(path, None if args.train_tokenizer else args.eos_token,
-                          flag="--train-tokenizer" if args.train_tokenizer else "--tokenizer")
+            _atomic(path, lambda handle: handle.write(given.json_path.read_bytes()))
+    # A folder's EOS may come from its tokenizer_config.json, which is not copied: carry the name over.
+    return load_tokenizer(path, given.eos_token if given else None,
+                          flag="--tokenizer" if given else "--train-tokenizer")
 
 
 def _tokenize_all(settings: Settings, units: list[Unit], tokenizer_path: Path, workers: int) -> None:
@@ -849,7 +850,7 @@ def run(args: argparse.Namespace) -> int:
                              f"check the inputs and --text-field / --separator")
         _atomic_json(args_path, recorded)
 
-    loaded = _prepare_tokenizer(args, work, settings, units)
+    loaded = _prepare_tokenizer(args, given, work, settings, units)
     if args.max_vocab_size is not None and loaded.vocab_size > args.max_vocab_size:
         raise InputError(f"--tokenizer {loaded.json_path}: vocabulary has {loaded.vocab_size} ids, more than "
                          f"--max-vocab-size {args.max_vocab_size}")

@@ -340,3 +340,16 @@ def test_sample_text_is_deterministic_real_text(tmp_path: Path):
     texts = [json.loads(line)["text"] for p in first for line in p.read_text().splitlines()]
     words = " ".join(texts).split()
     assert len(words) > 5_000 and sum(w.lower() in {"the", "a", "of", "is"} for w in words) > len(words) / 50
+
+
+def test_tokenizer_folder_eos_comes_from_its_config(small_docs: list[str], trained: Path, tmp_path: Path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((trained / "tokenizer.json").read_bytes())
+    eos_name = Tokenizer.from_file(str(trained / "tokenizer.json")).id_to_token(300)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos_name}}))
+    inputs = write_formats(tmp_path / "in", small_docs)["gz"]
+    assert prepare_data.main([*inputs, "--out", str(tmp_path / "out"), "--tokenizer", str(folder),
+                              "--workers", "1"]) == 0
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["eos_token_id"] == 300
