@@ -56,7 +56,10 @@ def _recorded_exit_code() -> int | None:
 
 def _describe(exitcode: int) -> str:
     if exitcode < 0:
-        return f"was killed by {signal.Signals(-exitcode).name}"
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
 
 

@@ -1,8 +1,14 @@
-"""The accelerate launch command start_training.sh runs, for each kind of machine."""
+"""The accelerate launch command start_training.sh runs, for each kind of machine, and how its ending reads."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pretrain.launch import build_command, parse_launch_args
+from tests.launcher import REPO, free_port, last_line
 
 
 def command_for(argv, gpus=0, cores=2):
@@ -71,3 +77,46 @@ def test_bad_launch_requests_fail_before_anything_starts(argv, gpus, fragment):
     with pytest.raises(ValueError) as error:
         build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=2)
     assert fragment in str(error.value)
+
+
+# Stand-ins for train.py, run by the real launcher module: how each way of ending reaches the user.
+SAYS_BAD_INPUT = """
+import os, pathlib, sys
+print("error: data/x.npz: not a valid .npz", file=sys.stderr)
+if os.environ["RANK"] == "0":
+    pathlib.Path(os.environ["PRETRAIN_LAUNCH_DIR"], "exit_code").write_text("2\\n")
+sys.exit(2)
+"""
+CRASHES = "raise RuntimeError('a bug')\n"
+RANK_1_KILLED = """
+import os, signal, time
+if os.environ["RANK"] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(60)  # rank 0 is still working when rank 1 dies: torchrun must stop it
+"""
+
+
+@pytest.mark.parametrize(
+    "script, processes, code, last_words",
+    [
+        (SAYS_BAD_INPUT, 2, 2, "error: data/x.npz: not a valid .npz"),
+        (CRASHES, 1, 1, "error: the training process exited with code 1 before it could report how it ended"),
+        (RANK_1_KILLED, 2, 1, "error: training process rank 1 (pid "),
+    ],
+    ids=["bad-input-2-processes", "crash-1-process", "rank-killed-2-processes"],
+)
+def test_the_launcher_ends_with_one_line_of_ours_and_the_trainings_exit_code(script, processes, code, last_words, tmp_path):
+    (tmp_path / "stand_in.py").write_text(script)
+    launch_dir = tmp_path / "launch"
+    launch_dir.mkdir()
+    argv = ["--config", "test", "--main-port", str(free_port())] + (["--cpu-processes", "2"] if processes > 1 else [])
+    command, _ = build_command(parse_launch_args(argv), available_gpus=0, cpu_count=2)
+    command = [*command[: command.index("train.py")], str(tmp_path / "stand_in.py")]
+    env = {**os.environ, "PRETRAIN_LAUNCH_DIR": str(launch_dir), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert last_words in last_line(result.stderr), result.stderr[-3000:]
+    for noise in ("CalledProcessError", "ChildFailedError", "closing signal", "failed (exitcode"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    if script == RANK_1_KILLED:
+        assert "SIGKILL" in last_line(result.stderr)
