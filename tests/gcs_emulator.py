@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import socketserver
 import sys
@@ -38,6 +37,20 @@ class _ThreadingHttpServer(socketserver.ThreadingMixIn, http_server.HTTPServer):
             super().handle_error(request, client_address)
 
 
+class _HeldReply:
+    """Stands in for the socket file while the emulator builds a reply; keeps the pieces without copying them."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.pieces.append(bytes(data))  # no copy for bytes, the only type the emulator writes
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 class _MultipartUploads:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -61,13 +74,14 @@ class _Handler(RequestHandler):
     def do_GET(self) -> None:
         # The reply is built under the lock but sent after it: parallel ranged downloads then overlap on the
         # socket as they do against real GCS, instead of each waiting for the previous one's body to drain.
-        socket_file, self.wfile = self.wfile, io.BytesIO()
+        socket_file, self.wfile = self.wfile, _HeldReply()
         try:
             self._emulator(super().do_GET)
-            reply = self.wfile.getvalue()
+            pieces = self.wfile.pieces
         finally:
             self.wfile = socket_file
-        self.wfile.write(reply)
+        for piece in pieces:
+            self.wfile.write(piece)
 
     def do_PATCH(self) -> None:
         self._emulator(super().do_PATCH)

@@ -214,3 +214,16 @@ def test_many_transfers_reject_bad_batches_before_moving_anything(tmp_path):
     assert not (tmp_path / "out").exists()
     assert [info.key for info in storage.list()] == ["k"]
     storage.download_many([])
+
+
+def test_upload_many_names_the_missing_local_file(bucket, tmp_path):
+    storage = open_storage(bucket.url)
+    (tmp_path / "present.txt").write_bytes(b"here")
+
+    with pytest.raises(StorageError) as raised:
+        storage.upload_many([(tmp_path / "absent.txt", "run/absent.txt"), (tmp_path / "present.txt", "run/p.txt")],
+                            max_workers=1)
+
+    assert f"{storage.url}/run/absent.txt" in str(raised.value)
+    assert "1 not started" in str(raised.value)
+    assert storage.list() == []
