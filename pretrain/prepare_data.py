@@ -830,6 +830,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--work-dir {work}: was started with {_describe_difference(previous, recorded)}; "
                              f"re-run with the original arguments, or delete {work} to start over")
         if (work / "done").exists():
+            _remove_bulky(work)  # a run killed while cleaning up
             print(f"{args.out}: already prepared with these arguments; nothing to do", file=sys.stderr)
             return 0
     else:
@@ -903,13 +904,18 @@ def run(args: argparse.Namespace) -> int:
     if out_storage is not None:
         _upload(out_storage, stage, [s["path"] for s in shards], work / "uploaded")
     _atomic(work / "done", lambda handle: None)
-    for bulky in ("units", "parts", "inputs", "stage", "uploaded"):
-        shutil.rmtree(work / bulky, ignore_errors=True)
-    for carry in work.glob("carry_*.npy"):
-        carry.unlink()
+    _remove_bulky(work)
     print(f"wrote {len(shards)} shards, {stream_tokens:,} tokens ({dtype.name}) and {DATASET_JSON} to {args.out}",
           file=sys.stderr)
     return 0
+
+
+def _remove_bulky(work: Path) -> None:
+    """Everything but the record of the arguments and the done mark; a later run with them has nothing to do."""
+    for bulky in ("units", "parts", "inputs", "stage", "uploaded"):
+        shutil.rmtree(work / bulky, ignore_errors=True)
+    for carry in work.glob("carry_*.npy"):
+        carry.unlink(missing_ok=True)
 
 
 def _upload(storage: Storage, stage: Path, shard_names: list[str], marks: Path) -> None:
