@@ -73,6 +73,9 @@ class TrainingConfig:
     mixed_precision: str = "bf16"  # bf16 | fp16 | no; on CPU only when cpu_mixed_precision is set
     cpu_mixed_precision: bool = False
     compile_model: bool = True
+    compile_backend: str = "inductor"  # torch.compile backend; a backend that fails at the first step falls back to eager
+    gradient_checkpointing: str = "auto"  # auto | true | false: recompute activations in backward (auto: if needed to fit)
+    gpu_memory_gb: float = 0.0  # plan for this much memory per GPU; 0: measure the GPU (dry runs on a CPU: pass it)
     num_processes: int = 2  # the number of GPUs the config is sized for (informational; the launcher decides)
     peak_tflops_per_device: float = 0.0  # for MFU; 0: guess from the GPU name
 

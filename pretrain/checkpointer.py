@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from configs import TrainingConfig
 from pretrain import rng
@@ -39,7 +39,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.distributed import on_main
 from pretrain.preemption import Preempted, PreemptionFlag
-from pretrain.state_dicts import clean_state_dict, full_optimizer_state, load_full_optimizer_state, snapshot
+from pretrain.state_dicts import HostCopies, clean_state_dict, full_optimizer_state, load_full_optimizer_state
 from pretrain.storage import StorageError, open_storage, storage_options
 from pretrain.train_state import TrainState
 from pretrain.worker import Job, Worker
@@ -83,6 +83,7 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.last_logs_sync = time.monotonic()
         self.upload_failures = 0
+        self.host = HostCopies()
         if config.checkpoint_bucket:
             storage = open_storage(config.checkpoint_bucket, storage_options(config))
             # A tiny write now, so bad credentials fail in the first seconds, not at the first save hours later.
@@ -176,9 +177,11 @@ class Checkpointer:
             name = checkpoint_name(state.epoch, state.step, len(state.data["train"]))
             self._report_uploads()
             self._wait_for_writer()
+            # The only copy the training thread waits for; FSDP states arrive gathered into fresh host memory.
+            fresh = self.accelerator.distributed_type == DistributedType.FSDP
             payload = CheckpointPayload(
-                model_state=snapshot(clean_state_dict(model_state)),
-                optimizer_state=snapshot(optimizer_state),
+                model_state=self.host.copy(clean_state_dict(model_state), fresh),
+                optimizer_state=self.host.copy(optimizer_state, fresh),
                 rng_states={f"rank{i}": value for i, value in enumerate(rng_states)},
                 state=copy.deepcopy(state),
             )

@@ -126,6 +126,10 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         raise ValueError(
             f"--seq-len ({config.seq_len}) exceeds --max-position-embeddings ({model.max_position_embeddings})"
         )
+    if config.gradient_checkpointing not in ("auto", "true", "false"):
+        raise ValueError(f"--gradient-checkpointing must be auto, true or false, got {config.gradient_checkpointing!r}")
+    if config.gpu_memory_gb < 0:
+        raise ValueError(f"--gpu-memory-gb must not be negative, got {config.gpu_memory_gb}")
     if config.wandb_mode not in ("online", "offline"):
         raise ValueError(f"--wandb-mode must be online or offline, got {config.wandb_mode!r}")
     return config

@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from pretrain.state_dicts import clean_state_dict, snapshot
+from pretrain.tokenizer import load_tokenizer
 
 EXPORT_DIR_NAME = "final-model"
 
@@ -24,16 +25,32 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, output_dir: P
         temp = output_dir / f".tmp-{EXPORT_DIR_NAME}-{os.getpid()}"
         shutil.rmtree(temp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if tokenizer_dir is not None:
+            eos_id = load_tokenizer(tokenizer_dir).eos_token_id
+            # Generation stops at the document separator the data was packed with.
+            unwrapped.config.eos_token_id = unwrapped.config.bos_token_id = unwrapped.config.pad_token_id = eos_id
+            unwrapped.generation_config.eos_token_id = unwrapped.generation_config.pad_token_id = eos_id
         with _quiet_transformers():
             unwrapped.save_pretrained(temp, state_dict=snapshot(clean_state_dict(state)))
         if tokenizer_dir is not None:
-            from transformers import PreTrainedTokenizerFast
-
-            PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir)).save_pretrained(temp)
+            save_tokenizer(tokenizer_dir, temp, unwrapped.config)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_tokenizer(tokenizer_dir: Path, out_dir: Path, model_config) -> None:
+    """The data's tokenizer beside the weights, as transformers' AutoTokenizer and pipeline() load it."""
+    from transformers import PreTrainedTokenizerFast
+
+    loaded = load_tokenizer(tokenizer_dir)
+    if loaded.vocab_size > model_config.vocab_size:
+        raise ValueError(f"{loaded.json_path}: {loaded.vocab_size} token ids, more than the model's --vocab-size "
+                         f"{model_config.vocab_size}")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(loaded.json_path), eos_token=loaded.eos_token,
+                                        bos_token=loaded.eos_token, pad_token=loaded.eos_token)
+    tokenizer.save_pretrained(out_dir)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import safetensors
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
 from configs import TrainingConfig, as_dict
 from pretrain.agreement import Agreement
@@ -31,7 +31,14 @@ from pretrain.dataset import FrozenShards, prepare_training_data
 from pretrain.evaluation import Evaluator, eval_values
 from pretrain.export import export_model
 from pretrain.metrics import Metrics, ThroughputModel
-from pretrain.model import build_model, count_parameters, flops_per_token, peak_flops_per_device
+from pretrain.memory import measured_gpu_memory_gib, plan_for_config
+from pretrain.model import (
+    build_model,
+    count_parameters,
+    enable_activation_checkpointing,
+    flops_per_token,
+    peak_flops_per_device,
+)
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.plan import RunPlan, effective_mixed_precision
 from pretrain.preemption import PreemptionFlag
@@ -39,6 +46,10 @@ from pretrain.state_dicts import load_model_state
 from pretrain.train_state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+class OutOfMemory(ValueError):
+    """The layout did not fit the GPU; the message names the flags that change it (exit code 2, like bad input)."""
 
 
 class NonFiniteLoss(Exception):
@@ -123,8 +134,17 @@ class Trainer:
     def run(self) -> None:
         with self.cleanup:
             self.cleanup.callback(self.accelerator.end_training)  # also after a failed set-up: no stray process group
-            self.set_up()
-            self.train()
+            try:
+                self.set_up()
+                self.train()
+            except torch.OutOfMemoryError:
+                c = self.config
+                raise OutOfMemory(
+                    f"out of GPU memory with micro-batch {c.per_device_train_batch_size} x {c.seq_len} tokens, "
+                    f"--gradient-checkpointing {c.gradient_checkpointing} (see the memory plan above, or run with "
+                    "--dry-run); lower --per-device-train-batch-size and raise --gradient-accumulation-steps to keep "
+                    "the global batch, or pass --gradient-checkpointing true, or launch with --strategy fsdp"
+                ) from None
 
     def set_up(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -144,13 +164,15 @@ class Trainer:
             load_model_state(model, resumed.model_state)
         self.plan = RunPlan(config, accelerator.num_processes, accelerator.device.type == "cuda", count_parameters(model))
         self._log("\n".join(self.plan.lines()))
+        if self._wants_activation_checkpointing():
+            enable_activation_checkpointing(model)  # before prepare() and compile, which wrap the checkpointed layers
         optimizer = build_optimizer(model, config)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if resumed is not None:
             self.checkpointer.restore(resumed, self.model, self.optimizer)
-        if config.compile_model:
-            self.model = _compile(self.model)
         self.state = self._train_state(resumed)
+        if config.compile_model:
+            self.model = self._compiled(self.model)
         self.evaluator = Evaluator(config, accelerator, self.data.eval)
         self.metrics = self.cleanup.enter_context(self._make_metrics())
         self.checkpointer.sync_logs_from(self.metrics.run_dir)
@@ -248,7 +270,7 @@ class Trainer:
 
     def _make_metrics(self) -> Metrics:
         config, accelerator, state = self.config, self.accelerator, self.state
-        peak = peak_flops_per_device(accelerator.device, config.peak_tflops_per_device)
+        peak = peak_flops_per_device(accelerator.device, config.peak_tflops_per_device, self.plan.precision)
         throughput = ThroughputModel(
             tokens_per_step=self.plan.tokens_per_step,
             flops_per_token=flops_per_token(self.plan.model_size, config.model, config.seq_len),
@@ -264,6 +286,45 @@ class Trainer:
         self._log(f"logs: {run_dir} (tensorboard --logdir {config.logging_dir})")
         return metrics
 
+    def _wants_activation_checkpointing(self) -> bool:
+        """`auto`: only on a GPU whose memory the current layout would not fit without it (see the memory plan)."""
+        setting = self.config.gradient_checkpointing
+        if setting != "auto" or self.accelerator.device.type != "cuda":
+            return setting == "true"
+        strategy = "fsdp" if self.accelerator.distributed_type == DistributedType.FSDP else "ddp"
+        gib = self.config.gpu_memory_gb or measured_gpu_memory_gib(self.accelerator.device.index or 0)
+        layout = plan_for_config(self.config, num_gpus=self.accelerator.num_processes, gpu_memory_gib=gib,
+                                 strategy=strategy, activation_checkpointing="false")
+        self._log("\n".join(layout.plan.lines()))
+        if not layout.fits:
+            self._log("activation checkpointing on: without it the plan does not fit with headroom")
+        return not layout.fits
+
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """torch.compile after prepare(), as Accelerate does, then one forward/backward on a real batch before the
+        clock starts: compilation happens there (lazily), so a backend that fails falls back to eager instead of
+        killing the run, and the compile time stays out of the throughput figures. The gradients are dropped."""
+        config = self.config
+        started = time.monotonic()
+        compiled = torch.compile(model, backend=config.compile_backend)
+        batch = torch.stack([self.data.train[i] for i in range(self.state.samples_consumed,
+                                                                self.state.samples_consumed + config.per_device_train_batch_size)])
+        try:
+            with self.accelerator.no_sync(compiled):
+                compiled(input_ids=batch.to(self.accelerator.device), labels=batch.to(self.accelerator.device)).loss.backward()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            log.warning("torch.compile (backend %s) failed at the first step (%s); training without it",
+                        config.compile_backend, reason)
+            torch._dynamo.reset()
+            compiled = model
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._log(f"compiled the model in {time.monotonic() - started:.1f} s (backend {config.compile_backend})")
+        return compiled
+
     def _log(self, message: str) -> None:
         if self.is_main:
             log.info(message)
@@ -274,12 +335,3 @@ def library_versions() -> dict[str, str]:
         "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
         "numpy": numpy.__version__, "safetensors": safetensors.__version__,
     }
-
-
-def _compile(model: torch.nn.Module) -> torch.nn.Module:
-    """After prepare(), as Accelerate does; a failure to compile is a warning, not a dead run."""
-    try:
-        return torch.compile(model)
-    except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
-        log.warning("torch.compile failed (%s); training without it", error)
-        return model
