@@ -1,5 +1,6 @@
-"""Data reader figures (not a test): start-up time when resuming near sample 10 vs 10**8, and peak RSS while reading
-a dataset vs one 10x larger. Run from the repository root: python -m bench.bench_data
+"""Data reader figures (not a test): start-up time when resuming near sample 10 vs 10**8, peak RSS while reading
+a dataset vs one 10x larger, and a new VM's time to the first batch from a bucket holding a dataset vs one 10x
+larger. Run from the repository root: python -m bench.bench_data
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,6 +21,7 @@ if __package__ in (None, ""):
 import numpy as np
 
 from pretrain.data import TokenSamples, make_train_loader
+from pretrain.dataset import prepare_training_data
 from pretrain.shards import discover_shards, inspect_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +33,9 @@ RSS_SEQ_LEN = 512
 RSS_BATCH = 8
 RSS_SHARDS = 8
 RSS_TOKENS_PER_SHARD = 2**19
+VM_SHARDS = 24
+VM_TOKENS_PER_SHARD = 2**20
+ONE_PROCESS = SimpleNamespace(is_main_process=True, is_local_main_process=True, num_processes=1)
 
 
 def write_random_shards(out_dir: Path, num_shards: int, tokens_per_shard: int, compressed: bool, seed: int) -> None:
@@ -112,6 +118,46 @@ def bench_rss(root: Path, batches: int) -> None:
           f"growth {100 * (large_kib - small_kib) / small_kib:+.1f}%")
 
 
+def new_vm_config(bucket: Path, data_dir: Path) -> SimpleNamespace:
+    return SimpleNamespace(
+        data_dir=str(data_dir), data_bucket=bucket.as_uri(), max_files=0, seq_len=RSS_SEQ_LEN, seed=0, eval_shards=1,
+        model=SimpleNamespace(vocab_size=VOCAB), generate_sample_data=False, gcs_credentials="", gcp_project="",
+        s3_endpoint_url="", storage_max_retries=1, storage_retry_backoff_seconds=0.1,
+    )
+
+
+def time_new_vm(bucket: Path, data_dir: Path, frozen=None, start_sample: int = 0):
+    """Seconds from nothing local to the first batch: freeze (fresh run) or not (resume), fetch, read."""
+    began = time.perf_counter()
+    training = prepare_training_data(new_vm_config(bucket, data_dir), ONE_PROCESS, frozen, start_sample)
+    next(iter(make_train_loader(training.train, start_sample, RSS_BATCH, 0, 1, num_workers=0)))
+    elapsed = time.perf_counter() - began
+    local = sum(1 for _ in data_dir.rglob("*.npz"))
+    training.close()
+    return elapsed, training.frozen, local
+
+
+def bench_new_vm(root: Path, repeats: int) -> None:
+    shard_mib = VM_TOKENS_PER_SHARD * 2 / 2**20
+    print(f"new VM, file:// bucket to first batch (empty data dir; median of {repeats}); shards of {shard_mib:.0f} MiB")
+    figures = {}
+    for scale in (1, 10):
+        bucket = root / f"vm-bucket-{scale}x"
+        write_random_shards(bucket, scale * VM_SHARDS, VM_TOKENS_PER_SHARD, compressed=False, seed=3)
+        fresh, resumed = [], []
+        for repeat in range(repeats):
+            seconds, frozen, local = time_new_vm(bucket, root / f"vm-{scale}x-fresh-{repeat}")
+            fresh.append(seconds)
+            middle = scale * VM_SHARDS * VM_TOKENS_PER_SHARD // RSS_SEQ_LEN // 2
+            seconds, _, local_resumed = time_new_vm(bucket, root / f"vm-{scale}x-resume-{repeat}", frozen, middle)
+            resumed.append(seconds)
+        figures[scale] = statistics.median(fresh), statistics.median(resumed)
+        print(f"  {scale * VM_SHARDS:4d} shards: fresh run {figures[scale][0]:6.2f} s ({local} shards local at the "
+              f"first batch)   resume mid-epoch {figures[scale][1]:6.2f} s ({local_resumed} local)")
+    print(f"  10x data / 1x: fresh {figures[10][0] / figures[1][0]:.2f}x   resume {figures[10][1] / figures[1][1]:.2f}x "
+          f"(target <= 1.2x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=11)
@@ -123,6 +169,7 @@ def main() -> None:
         peak_rss_child(args.rss_child, args.batches, args.load_all)
         return
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        bench_new_vm(Path(tmp), min(args.repeats, 3))
         bench_resume(Path(tmp), args.repeats)
         bench_rss(Path(tmp), args.batches)
 

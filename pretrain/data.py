@@ -42,11 +42,15 @@ __all__ = [
     "make_eval_batches",
 ]
 
-# Shards per block of the order. 16 random shards per block keeps consecutive batches diverse even when each shard
-# holds one stretch of the corpus (bench/bench_shuffle.py); the cost is that the first step needs 16 shards local
-# and each reader keeps 16 open (compressed ones decompressed in RAM).
+# Chunks per block and chunks per shard of the order. Each shard is cut into SHARD_CHUNKS consecutive chunks; a
+# block mixes MIX_SHARDS random chunks (from up to as many shards), so every batch draws from 16 places of the
+# corpus and the blocks, each about two shards' worth of samples, sweep the whole corpus 8 times per epoch even when
+# each shard holds one stretch of it (bench/bench_shuffle.py). The costs: the first step needs up to 16 shards local,
+# each reader keeps up to 16 open (compressed ones decompressed in RAM, 8 times per epoch), and the fetcher must
+# bring every shard within about the first eighth of the first epoch (downloads outpace training by far).
 MIX_SHARDS = 16
-LEGACY_MIX_SHARDS = 2  # the order of runs whose checkpoints predate OrderSpec
+SHARD_CHUNKS = 8
+LEGACY_MIX_SHARDS = 2  # the order of runs whose checkpoints predate OrderSpec: blocks of two whole shards
 ORDER_VERSIONS = (1,)
 EPOCH_PLANS_CACHED = 2
 PERMUTATIONS_CACHED = 4
@@ -58,12 +62,14 @@ SEED_TAG_BLOCK = 1
 class OrderSpec:
     """The parameters of the sample order, frozen with a run: a resumed run keeps the order it started with.
 
-    version names the algorithm of SampleOrder.locate (1: shuffled blocks of mix_shards shards, samples shuffled
-    within a block); a change to that algorithm must come with a new version so old runs keep their order.
+    version names the algorithm of SampleOrder.locate (1: shards cut into shard_chunks chunks, chunks shuffled and
+    grouped mix_shards to a block, samples shuffled within a block); a change to that algorithm must come with a
+    new version so old runs keep their order.
     """
 
     version: int = 1
     mix_shards: int = MIX_SHARDS
+    shard_chunks: int = SHARD_CHUNKS
 
     def __post_init__(self):
         if self.version not in ORDER_VERSIONS:
@@ -71,52 +77,59 @@ class OrderSpec:
                 f"sample order version {self.version} is unknown to this code (it knows {list(ORDER_VERSIONS)}); "
                 f"resume with the code version that started the run"
             )
-        if self.mix_shards < 1:
-            raise ValueError(f"mix_shards is {self.mix_shards}; expected at least 1 shard per block")
+        if self.mix_shards < 1 or self.shard_chunks < 1:
+            raise ValueError(
+                f"mix_shards {self.mix_shards}, shard_chunks {self.shard_chunks}; expected at least 1 of each"
+            )
 
     def to_json(self) -> dict:
-        return {"version": self.version, "mix_shards": self.mix_shards}
+        return {"version": self.version, "mix_shards": self.mix_shards, "shard_chunks": self.shard_chunks}
 
     @classmethod
     def from_json(cls, d: dict) -> OrderSpec:
-        return cls(version=int(d["version"]), mix_shards=int(d["mix_shards"]))
+        return cls(version=int(d["version"]), mix_shards=int(d["mix_shards"]),
+                   shard_chunks=int(d.get("shard_chunks", 1)))
 
 
-LEGACY_ORDER = OrderSpec(version=1, mix_shards=LEGACY_MIX_SHARDS)
+LEGACY_ORDER = OrderSpec(version=1, mix_shards=LEGACY_MIX_SHARDS, shard_chunks=1)
 
 
 class SampleOrder:
-    """The global order: a pure function of (seed, frozen shard list, seq_len, mix_shards); independent of the
-    number of processes, and O(1) to enter at any global index.
+    """The global order: a pure function of (seed, frozen shard list, seq_len, mix_shards, shard_chunks);
+    independent of the number of processes, and O(1) to enter at any global index.
 
-    Each epoch, the shard positions are shuffled and grouped into blocks of mix_shards consecutive shards; the
-    samples of a block are then visited in a shuffled order of the block's combined samples. locate() finds the
-    block by binary search over the epoch's cumulative block sizes (O(num_shards), cached per epoch) and maps the
-    position through the block's permutation (O(samples in the block), cached for a few blocks; the reader pays
-    the same cost anyway when it opens those shards). Nothing depends on how many samples came before, so
-    resuming at sample 10**8 costs what resuming at 10 does.
+    Each shard is cut into shard_chunks consecutive chunks of its samples. Each epoch, the chunks are shuffled and
+    grouped into blocks of mix_shards consecutive chunks; the samples of a block are then visited in a shuffled
+    order of the block's combined samples. locate() finds the block by binary search over the epoch's cumulative
+    block sizes (O(num_shards * shard_chunks), cached per epoch) and maps the position through the block's
+    permutation (O(samples in the block), cached for a few blocks). Nothing depends on how many samples came
+    before, so resuming at sample 10**8 costs what resuming at 10 does.
 
-    Why blocks of shards rather than one global shuffle: a reader touches only mix_shards shards at a time, so an
-    LRU of a few open shards per worker suffices and compressed shards are decompressed once per epoch. The cost
-    is weaker mixing: consecutive global batches come from the same mix_shards shards, so shards are assumed to be
-    pre-shuffled (no shard dominated by one document source). Mixing 2 shards instead of 1 is the cheap
-    improvement: every batch draws from two shards, and which shards pair up changes every epoch, for twice the
-    open shards per reader. mix_shards is part of the order; keep it fixed for the life of a run.
+    Why blocks rather than one global shuffle: a reader touches at most mix_shards shards at a time, so an LRU of a
+    few open shards per worker suffices, memory stays flat, and a new VM can start once one block's shards are
+    local. Chunking is what makes that mix well: a block holds pieces of mix_shards random places in the corpus
+    rather than a few whole shards, so shards written in corpus order (one topic each) still give diverse batches,
+    and the whole corpus is swept shard_chunks times per epoch. With shard_chunks 1 this is the original order
+    (blocks of whole shards), which LEGACY_ORDER keeps for old runs.
 
     Permutations come from the raw PCG64 stream of a SeedSequence (argsort of random 64-bit keys), both of which
     numpy documents as stable across versions and platforms; Generator.permutation is not so guaranteed.
     """
 
-    def __init__(self, shards: list[ShardInfo], seq_len: int, seed: int, mix_shards: int = MIX_SHARDS):
+    def __init__(self, shards: list[ShardInfo], seq_len: int, seed: int, mix_shards: int = MIX_SHARDS,
+                 shard_chunks: int = SHARD_CHUNKS):
         if seq_len < 1:
             raise ValueError(f"seq_len is {seq_len}; expected a positive number of tokens per sample")
         if seed < 0:
             raise ValueError(f"seed is {seed}; expected a non-negative integer (numpy SeedSequence needs one)")
         if mix_shards < 1:
             raise ValueError(f"mix_shards is {mix_shards}; expected at least 1 shard per block")
+        if shard_chunks < 1:
+            raise ValueError(f"shard_chunks is {shard_chunks}; expected at least 1 chunk per shard")
         self.seq_len = seq_len
         self.seed = seed
         self.mix_shards = mix_shards
+        self.shard_chunks = shard_chunks
         self.num_shards = len(shards)
         self._shard_samples = np.array([s.num_samples(seq_len) for s in shards], dtype=np.int64)
         self.samples_per_epoch = int(self._shard_samples.sum())
@@ -133,52 +146,62 @@ class SampleOrder:
 
     def locate(self, global_index: int) -> tuple[int, int]:
         """(shard position in the shard list, sample index within that shard) of a global sample index."""
-        _check_index(global_index)
-        epoch, index_in_epoch = divmod(global_index, self.samples_per_epoch)
-        shard_order, block_ends = self._epoch_plan(epoch)
-        block = int(np.searchsorted(block_ends, index_in_epoch, side="right"))
-        block_start = int(block_ends[block - 1]) if block else 0
-        members = shard_order[block * self.mix_shards : (block + 1) * self.mix_shards]
+        epoch, block, block_start, members = self._block_of(global_index)
+        index_in_epoch = global_index - epoch * self.samples_per_epoch
         position_in_block = int(self._block_permutation(epoch, block, members)[index_in_epoch - block_start])
-        member_ends = np.cumsum(self._shard_samples[members])
+        member_ends = np.cumsum(self._chunk_samples(members))
         member = int(np.searchsorted(member_ends, position_in_block, side="right"))
         member_start = int(member_ends[member - 1]) if member else 0
-        return int(members[member]), position_in_block - member_start
+        chunk = int(members[member])
+        shard = chunk // self.shard_chunks
+        return shard, int(self._chunk_starts(np.array([chunk]))[0]) + position_in_block - member_start
 
     def block_shards(self, global_index: int) -> list[int]:
         """Positions of the shards of the block that holds global_index: what reading there needs first."""
-        _check_index(global_index)
-        epoch, index_in_epoch = divmod(global_index, self.samples_per_epoch)
-        shard_order, block_ends = self._epoch_plan(epoch)
-        block = int(np.searchsorted(block_ends, index_in_epoch, side="right"))
-        return [int(p) for p in shard_order[block * self.mix_shards : (block + 1) * self.mix_shards]]
+        members = self._block_of(global_index)[3]
+        return list(dict.fromkeys(int(chunk) // self.shard_chunks for chunk in members))
 
     def shards_in_need_order(self, global_index: int) -> list[int]:
         """Every shard position once, in the order a reader starting at global_index first needs it: the rest of
         this epoch block by block, then the next epoch's order for the shards this epoch has already passed."""
+        epoch, block = self._block_of(global_index)[:2]
+        chunk_order = self._epoch_plan(epoch)[0]
+        ahead = chunk_order[block * self.mix_shards :] // self.shard_chunks
+        after = self._epoch_plan(epoch + 1)[0] // self.shard_chunks
+        return [int(p) for p in dict.fromkeys(np.concatenate([ahead, after]).tolist())]
+
+    def _block_of(self, global_index: int) -> tuple[int, int, int, np.ndarray]:
+        """(epoch, block, first index in the epoch of that block, its chunks) of a global sample index."""
         _check_index(global_index)
         epoch, index_in_epoch = divmod(global_index, self.samples_per_epoch)
-        shard_order, block_ends = self._epoch_plan(epoch)
+        chunk_order, block_ends = self._epoch_plan(epoch)
         block = int(np.searchsorted(block_ends, index_in_epoch, side="right"))
-        ahead = [int(p) for p in shard_order[block * self.mix_shards :]]
-        seen = set(ahead)
-        after = [int(p) for p in self._epoch_plan(epoch + 1)[0] if int(p) not in seen]
-        return ahead + after
+        block_start = int(block_ends[block - 1]) if block else 0
+        return epoch, block, block_start, chunk_order[block * self.mix_shards : (block + 1) * self.mix_shards]
+
+    def _chunk_starts(self, chunks: np.ndarray) -> np.ndarray:
+        """First sample (within its shard) of each chunk: chunk c of a shard of n samples is [c*n//C, (c+1)*n//C)."""
+        return (chunks % self.shard_chunks) * self._shard_samples[chunks // self.shard_chunks] // self.shard_chunks
+
+    def _chunk_samples(self, chunks: np.ndarray) -> np.ndarray:
+        ends = (chunks % self.shard_chunks + 1) * self._shard_samples[chunks // self.shard_chunks] // self.shard_chunks
+        return ends - self._chunk_starts(chunks)
 
     def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's shard order and the cumulative sample count at the end of each block."""
+        """The epoch's chunk order and the cumulative sample count at the end of each block."""
         if epoch not in self._epoch_plans:
-            shard_order = _permutation(self.num_shards, [self.seed, SEED_TAG_SHARD_ORDER, epoch])
-            block_starts = np.arange(0, self.num_shards, self.mix_shards)
-            block_sizes = np.add.reduceat(self._shard_samples[shard_order], block_starts)
-            _remember(self._epoch_plans, epoch, (shard_order, np.cumsum(block_sizes)), EPOCH_PLANS_CACHED)
+            num_chunks = self.num_shards * self.shard_chunks
+            chunk_order = _permutation(num_chunks, [self.seed, SEED_TAG_SHARD_ORDER, epoch]).astype(np.int64)
+            block_starts = np.arange(0, num_chunks, self.mix_shards)
+            block_sizes = np.add.reduceat(self._chunk_samples(chunk_order), block_starts)
+            _remember(self._epoch_plans, epoch, (chunk_order, np.cumsum(block_sizes)), EPOCH_PLANS_CACHED)
         self._epoch_plans.move_to_end(epoch)
         return self._epoch_plans[epoch]
 
     def _block_permutation(self, epoch: int, block: int, members: np.ndarray) -> np.ndarray:
         key = (epoch, block)
         if key not in self._permutations:
-            block_samples = int(self._shard_samples[members].sum())
+            block_samples = int(self._chunk_samples(members).sum())
             permutation = _permutation(block_samples, [self.seed, SEED_TAG_BLOCK, epoch, block])
             _remember(self._permutations, key, permutation, PERMUTATIONS_CACHED)
         self._permutations.move_to_end(key)
@@ -207,6 +230,7 @@ class TokenSamples(Dataset):
         cache_shards: int | None = None,
         mix_shards: int = MIX_SHARDS,
         gate: ShardGate | None = None,
+        shard_chunks: int = SHARD_CHUNKS,
     ):
         if cache_shards is None:
             cache_shards = mix_shards + 2  # a block's shards, plus room for the next block's first ones
@@ -220,7 +244,7 @@ class TokenSamples(Dataset):
         self.seq_len = seq_len
         self.cache_shards = cache_shards
         self.gate = gate
-        self.order = SampleOrder(self.shards, seq_len, seed, mix_shards)
+        self.order = SampleOrder(self.shards, seq_len, seed, mix_shards, shard_chunks)
         self._streams: OrderedDict[int, TokenStream] = OrderedDict()
         self._owner_pid = os.getpid()
 

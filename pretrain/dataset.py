@@ -72,7 +72,7 @@ class TrainingData:
                       if self.fetched_in_background else "")
         return (f"data: {len(self.frozen.train)} training shards ({self.samples_per_epoch:,} samples of "
                 f"{self.train.seq_len} tokens per epoch), {len(self.frozen.eval)} held out for evaluation; "
-                f"order v{order.version} mixing {order.mix_shards} shards per block; "
+                f"order v{order.version}: blocks of {order.mix_shards} chunks, {order.shard_chunks} per shard; "
                 f"{self.ready_at_start} shards ready before step 1{background}")
 
     def close(self) -> None:
@@ -93,10 +93,9 @@ def prepare_training_data(config, accelerator, frozen: FrozenShards | None, star
         frozen = on_main(accelerator, lambda: freeze_shards(config))
     run_token = on_main(accelerator, lambda: uuid.uuid4().hex)
     gate = ReadyGate(data_dir, run_token, config.model.vocab_size)
-    mix = frozen.order.mix_shards
-    train = TokenSamples(data_dir, list(frozen.train), config.seq_len, config.seed, mix_shards=mix, gate=gate)
-    evaluation = (TokenSamples(data_dir, list(frozen.eval), config.seq_len, config.seed, mix_shards=mix, gate=gate)
-                  if frozen.eval else None)
+    order = dict(mix_shards=frozen.order.mix_shards, shard_chunks=frozen.order.shard_chunks, gate=gate)
+    train = TokenSamples(data_dir, list(frozen.train), config.seq_len, config.seed, **order)
+    evaluation = TokenSamples(data_dir, list(frozen.eval), config.seq_len, config.seed, **order) if frozen.eval else None
     need = train.order.shards_in_need_order(start_sample)
     first_block = set(train.order.block_shards(start_sample))
     first = [frozen.train[p] for p in need if p in first_block] + list(frozen.eval)

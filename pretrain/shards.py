@@ -5,8 +5,10 @@ A shard is an .npz holding an integer array `input_ids` (1-D, or 2-D read row-ma
 
 from __future__ import annotations
 
+import io
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -155,6 +157,34 @@ def read_array_header_from(name: Path | str, handle: BinaryIO, size: int) -> Arr
             f"{name}: not a valid .npz (zip) file ({error}); expected an archive written by numpy.savez or "
             f"numpy.savez_compressed ({FORMAT_HINT}); re-create or re-download it"
         ) from None
+
+
+def array_header_from_head(name: Path | str, head: bytes, size: int) -> ArrayHeader | None:
+    """The header from the first bytes of a shard alone, when input_ids is its first zip member (as numpy.savez
+    writes it): the .npy header sits right after the zip local header. None when that does not hold or `head`
+    is too short; read_array_header_from then finds it through the zip directory."""
+    if len(head) < ZIP_LOCAL_HEADER.size or head[:4] != ZIP_LOCAL_HEADER_SIGNATURE:
+        return None
+    fields = ZIP_LOCAL_HEADER.unpack(head[: ZIP_LOCAL_HEADER.size])
+    method, name_length, extra_length = fields[3], fields[-2], fields[-1]
+    member_name = head[ZIP_LOCAL_HEADER.size : ZIP_LOCAL_HEADER.size + name_length]
+    if member_name not in (f"{ARRAY_NAME}.npy".encode(), ARRAY_NAME.encode()):
+        return None
+    data_start = ZIP_LOCAL_HEADER.size + name_length + extra_length
+    try:
+        if method == zipfile.ZIP_STORED:
+            stream = io.BytesIO(head[data_start:])
+            dtype, shape, fortran_order = _read_npy_header(name, stream)
+            header = ArrayHeader(dtype, shape, fortran_order, stored=True, data_offset=data_start + stream.tell())
+            _check_stored_extent(name, header, member_end=size)
+            return header
+        if method == zipfile.ZIP_DEFLATED:
+            stream = io.BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[data_start:]))
+            dtype, shape, fortran_order = _read_npy_header(name, stream)
+            return ArrayHeader(dtype, shape, fortran_order, stored=False, data_offset=None)
+    except (ShardError, zlib.error):
+        return None  # cut short or unusual: the zip directory decides, with its own errors
+    return None
 
 
 def check_header(path: Path, header: ArrayHeader, seq_len: int) -> None:

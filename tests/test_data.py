@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import pickle
 import weakref
@@ -80,10 +81,10 @@ def take_samples(loader, count: int) -> list[torch.Tensor]:
     raise AssertionError("loader ended")
 
 
-@pytest.mark.parametrize("mix_shards", [1, 2, 3])
-def test_every_sample_appears_once_per_epoch(mix_shards):
+@pytest.mark.parametrize("mix_shards, shard_chunks", [(1, 1), (2, 1), (3, 1), (2, 3), (4, 8), (16, 8)])
+def test_every_sample_appears_once_per_epoch(mix_shards, shard_chunks):
     shards = synthetic_shards([5, 1, 0, 12, 7, 3, 9])
-    order = SampleOrder(shards, SEQ_LEN, SEED, mix_shards)
+    order = SampleOrder(shards, SEQ_LEN, SEED, mix_shards, shard_chunks)
     expected = sorted((s, i) for s, shard in enumerate(shards) for i in range(shard.num_samples(SEQ_LEN)))
 
     assert order.samples_per_epoch == len(expected)
@@ -103,13 +104,39 @@ def test_order_is_pure_reshuffled_per_epoch_and_seeded():
 
 
 @pytest.mark.parametrize("mix_shards", [1, 2, 3])
-def test_a_reader_moves_through_mix_shards_at_a_time(mix_shards):
-    order = SampleOrder(synthetic_shards([6, 9, 4, 8, 5]), SEQ_LEN, SEED, mix_shards)
+def test_whole_shard_blocks_move_through_mix_shards_at_a_time(mix_shards):
+    order = SampleOrder(synthetic_shards([6, 9, 4, 8, 5]), SEQ_LEN, SEED, mix_shards, shard_chunks=1)
     for epoch in range(3):
         positions = [shard for shard, _ in epoch_locations(order, epoch)]
         for shard in set(positions):
             visits = [i for i, s in enumerate(positions) if s == shard]
             assert len(set(positions[visits[0] : visits[-1] + 1])) <= mix_shards
+
+
+@pytest.mark.parametrize("mix_shards, shard_chunks", [(2, 3), (4, 8), (16, 8)])
+def test_chunked_blocks_touch_at_most_mix_shards_shards_and_sweep_the_corpus(mix_shards, shard_chunks):
+    shards = synthetic_shards([40, 33, 57, 48, 21, 64, 39, 45, 50, 30] * 4)
+    order = SampleOrder(shards, SEQ_LEN, SEED, mix_shards, shard_chunks)
+    locations = epoch_locations(order, 0)
+    _, block_ends = order._epoch_plan(0)
+    starts = [0, *block_ends[:-1].tolist()]
+    for start, end in zip(starts, block_ends.tolist()):
+        in_block = {shard for shard, _ in locations[start:end]}
+        assert len(in_block) <= mix_shards
+        assert in_block <= set(order.block_shards(start)) and order.block_shards(start) == order.block_shards(end - 1)
+    # Every shard is visited in up to shard_chunks separate stretches of the epoch, not all at once.
+    first_half = {shard for shard, _ in locations[: len(locations) // 2]}
+    assert len(first_half) == len(shards) if shard_chunks >= 8 else len(first_half) > len(shards) // 2
+
+
+def test_legacy_order_is_the_order_runs_started_with_before_order_specs():
+    # Digest of 3 epochs of locate() by the code before OrderSpec (commit 511b3bb, blocks of 2 whole shards).
+    shards = [ShardInfo(f"s{i}.npz", n * 8, 0) for i, n in enumerate([5, 1, 0, 12, 7, 3, 9, 30, 2, 2, 11])]
+    spec = data.LEGACY_ORDER
+    order = SampleOrder(shards, 8, 1234, spec.mix_shards, spec.shard_chunks)
+    locations = [order.locate(i) for i in range(3 * order.samples_per_epoch)]
+    digest = hashlib.sha256(repr(locations).encode()).hexdigest()
+    assert digest == "96656fd2e3bfec8f29f0ac5d9d6ab8ed08acd21a96deeeef2879fe35245b6c2a"
 
 
 def test_locating_far_past_costs_one_permutation(monkeypatch):
@@ -155,17 +182,24 @@ def test_each_shard_is_opened_once_per_epoch(dataset_dir, shards, monkeypatch):
     opened = []
     real_stream = data.TokenStream
     monkeypatch.setattr(data, "TokenStream", lambda path: opened.append(path) or real_stream(path))
-    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, cache_shards=2, mix_shards=2)
+    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, cache_shards=2, mix_shards=2, shard_chunks=1)
 
     for index in range(dataset.samples_per_epoch):
         dataset[index]
 
     assert sorted(opened) == sorted(dataset_dir / s.path for s in shards)
+    opened.clear()
+    chunked = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, cache_shards=3, mix_shards=3, shard_chunks=4)
+    for index in range(chunked.samples_per_epoch):
+        chunked[index]
+    assert set(opened) == {dataset_dir / s.path for s in shards}
+    assert all(opened.count(dataset_dir / s.path) <= 4 for s in shards)  # at most once per chunk
 
 
-@pytest.mark.parametrize("num_workers, mix_shards", [(0, 2), (2, 2), (0, 3), (2, data.MIX_SHARDS)])
-def test_loader_resumed_at_k_continues_the_run_from_zero(dataset_dir, shards, num_workers, mix_shards):
-    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards)
+@pytest.mark.parametrize("num_workers, mix_shards, shard_chunks",
+                         [(0, 2, 1), (2, 2, 1), (0, 3, 4), (2, data.MIX_SHARDS, data.SHARD_CHUNKS), (0, 4, 8)])
+def test_loader_resumed_at_k_continues_the_run_from_zero(dataset_dir, shards, num_workers, mix_shards, shard_chunks):
+    dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards, shard_chunks=shard_chunks)
     spe = dataset.samples_per_epoch
     block_end = int(dataset.order._epoch_plan(0)[1][0])
     window = 12
@@ -174,12 +208,12 @@ def test_loader_resumed_at_k_continues_the_run_from_zero(dataset_dir, shards, nu
     assert all(torch.equal(a, b) for a, b in zip(reference, direct))
 
     for k in [1, 5, block_end - 2, spe - 4, spe, 2 * spe + 1]:
-        fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards)
+        fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards, shard_chunks=shard_chunks)
         resumed = take_samples(make_train_loader(fresh, k, 3, 0, 1, num_workers=num_workers), window)
         assert torch.equal(torch.stack(resumed), torch.stack(reference[k : k + window])), f"resume at {k}"
 
     far = 10**9 + 7
-    fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards)
+    fresh = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards, shard_chunks=shard_chunks)
     resumed = take_samples(make_train_loader(fresh, far, 4, 0, 1, num_workers=num_workers), 8)
     assert torch.equal(torch.stack(resumed), torch.stack([dataset[far + i] for i in range(8)]))
 

@@ -22,7 +22,7 @@ import pretrain.shard_fetch as shard_fetch
 from pretrain.data import LEGACY_ORDER, MIX_SHARDS, OrderSpec, SampleOrder, make_train_loader
 from pretrain.dataset import DATASET_MANIFEST, FrozenShards, prepare_training_data
 from pretrain.shard_fetch import FetchFailed, RangeFile, ReadyGate, ShardFetcher, inspect_remote_shards
-from pretrain.shards import ShardError, ShardInfo, read_array_header
+from pretrain.shards import ShardError, ShardInfo, array_header_from_head, read_array_header
 from pretrain.storage import open_storage
 from pretrain.storage.local import LocalStorage
 
@@ -82,7 +82,7 @@ def bucket(tmp_path, monkeypatch) -> Bucket:
     write_shards(root, NUM_SHARDS)
     storage = HeldStorage(root.as_uri(), None)
     monkeypatch.setattr(dataset_module, "open_storage", lambda url, options: storage)
-    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=MIX))
+    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=MIX, shard_chunks=1))
     return Bucket(root.as_uri(), storage)
 
 
@@ -124,7 +124,7 @@ def test_fresh_run_starts_after_the_first_block_and_fetches_the_rest_in_need_ord
         # Parallel downloads finish in any order, but none runs more than the pool's width ahead of its turn.
         lateness = [abs(background.index(k) - i) for i, k in enumerate(expected_order)]
         assert max(lateness) < shard_fetch.FETCH_WORKERS, "background fetch left the need order"
-        assert training.eval is not None and "order v1 mixing 4 shards" in training.describe()
+        assert training.eval is not None and "order v1: blocks of 4 chunks, 1 per shard" in training.describe()
     finally:
         bucket.storage.release.set()
         training.close()
@@ -176,9 +176,9 @@ def test_resume_without_bucket_or_local_shard_names_it(tmp_path):
 def test_a_bad_shard_late_in_the_order_does_not_delay_start_and_fails_its_reader(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     write_shards(data_dir, 12)
-    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2))
+    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2, shard_chunks=1))
     frozen = dataset_module.freeze_shards(config(data_dir, eval_shards=1))
-    order = SampleOrder(list(frozen.train), SEQ_LEN, 7, mix_shards=2)
+    order = SampleOrder(list(frozen.train), SEQ_LEN, 7, mix_shards=2, shard_chunks=1)
     bad = frozen.train[order.shards_in_need_order(0)[-1]]  # the last shard the order needs
     original = np.load(data_dir / bad.path)["input_ids"]
     np.savez(data_dir / bad.path, input_ids=np.full_like(original, VOCAB + 5))  # same size, ids past the vocab
@@ -223,7 +223,7 @@ def test_a_waiting_reader_learns_the_fetcher_died(tmp_path):
 def test_a_fetcher_that_dies_fails_readers_in_dataloader_workers(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     write_shards(data_dir, 12)
-    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2))
+    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2, shard_chunks=1))
     real_make_ready = ShardFetcher._make_ready
     background = threading.Event()
 
@@ -298,7 +298,19 @@ def test_frozen_shards_round_trip_and_old_checkpoints_keep_their_order():
     frozen = FrozenShards((ShardInfo("a.npz", 80, 900),), (ShardInfo("b.npz", 64, 700),), OrderSpec(mix_shards=8))
     assert FrozenShards.from_json(json.loads(json.dumps(frozen.to_json()))) == frozen
     old = {"train": [{"path": "a.npz", "num_tokens": 80, "size_bytes": 900}], "eval": []}
-    assert FrozenShards.from_json(old).order == LEGACY_ORDER == OrderSpec(version=1, mix_shards=2)
+    assert FrozenShards.from_json(old).order == LEGACY_ORDER == OrderSpec(version=1, mix_shards=2, shard_chunks=1)
     assert OrderSpec().mix_shards == MIX_SHARDS
     with pytest.raises(ValueError, match=r"^sample order version 9 is unknown to this code \(it knows \[1\]\)"):
         FrozenShards.from_json({**frozen.to_json(), "order": {"version": 9, "mix_shards": 8}})
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_savez_shard_header_needs_one_request(tmp_path, compressed):
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "s.npz", input_ids=np.arange(2**18, dtype=np.int32))
+    size = (tmp_path / "s.npz").stat().st_size
+    head = (tmp_path / "s.npz").read_bytes()[: shard_fetch.HEAD_BYTES]
+    assert array_header_from_head("s.npz", head, size) == read_array_header(tmp_path / "s.npz")
+    assert array_header_from_head("s.npz", head[:40], size) is None  # cut short: the caller falls back
+    other_first = tmp_path / "other.npz"
+    np.savez(other_first, a_mask=np.ones(8), input_ids=np.arange(64))
+    assert array_header_from_head("o", other_first.read_bytes()[:4096], other_first.stat().st_size) is None

@@ -1,0 +1,122 @@
+"""Mixing figure (not a test): the same short training run on real text cut into shards in corpus order versus one
+shard (which the order shuffles fully); eval loss after about 1.5 epochs. Run: python -m bench.bench_shuffle
+
+The text is the standard library's docstrings and comments (pretrain.sample_text), byte-level tokens (256 = end of
+document), in module order, so neighbouring shards share a topic: the case a narrow shard window trains badly on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from pretrain.sample_text import write_sample_text
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EOS = 256
+SEQ_LEN = 128
+GLOBAL_BATCH = 16  # the test config: 8 per device x 2 accumulation x 1 process
+EVAL_EVERY = 10  # every 10th document (up to a tenth of the tokens) is held out, so eval covers the whole corpus
+
+
+def byte_documents(text_dir: Path) -> list[np.ndarray]:
+    docs = []
+    for path in sorted(text_dir.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            raw = json.loads(line)["text"].encode("utf-8")
+            docs.append(np.append(np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), np.uint16(EOS)))
+    return docs
+
+
+def write_datasets(root: Path, text_bytes: int, num_shards: int) -> tuple[Path, Path, int, int]:
+    """(corpus-order dir, one-shard dir, training samples, eval samples); both hold the same samples."""
+    docs = byte_documents(root / "text") if (root / "text").is_dir() else None
+    if docs is None:
+        write_sample_text(root / "text", text_bytes)
+        docs = byte_documents(root / "text")
+    budget = sum(len(d) for d in docs) / EVAL_EVERY
+    train_docs, eval_docs, held = [], [], 0
+    for index, doc in enumerate(docs):
+        if index % EVAL_EVERY == EVAL_EVERY - 1 and held + len(doc) <= budget:
+            eval_docs.append(doc)
+            held += len(doc)
+        else:
+            train_docs.append(doc)
+    train, evaluation = np.concatenate(train_docs), np.concatenate(eval_docs)
+    shard_tokens = len(train) // (num_shards * SEQ_LEN) * SEQ_LEN
+    train = train[: shard_tokens * num_shards]  # every shard a whole number of samples: no tail differs
+    ordered, single = root / "corpus-order", root / "one-shard"
+    for folder in (ordered, single):
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "zz_eval.npz", input_ids=evaluation)  # sorts last: the held-out shard of both runs
+    for index in range(num_shards):
+        np.savez(ordered / f"shard_{index:03d}.npz", input_ids=train[index * shard_tokens : (index + 1) * shard_tokens])
+    np.savez(single / "shard_000.npz", input_ids=train)
+    return ordered, single, len(train) // SEQ_LEN, len(evaluation) // SEQ_LEN
+
+
+def train_command(data_dir: Path, work: Path, steps: int, eval_batches: int, extra: list[str]) -> list[str]:
+    return [
+        str(REPO_ROOT / "start_training.sh"), "--config", "test", "--gpus", "0", "--data-dir", str(data_dir),
+        "--output-dir", str(work / "checkpoints"), "--logging-dir", str(work / "logs"),
+        "--checkpoint-bucket", str(work / "bucket"), "--max-steps", str(steps), "--save-steps", str(10 * steps),
+        "--logging-steps", str(max(1, steps // 5)), "--eval-shards", "1", "--eval-steps", "0",
+        "--eval-batches", str(eval_batches), "--dataloader-num-workers", "0", "--export-final-model", "false",
+        *extra,
+    ]
+
+
+def final_eval_loss(command: list[str]) -> tuple[float, float]:
+    began = time.monotonic()
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"training failed ({result.returncode}): {shlex.join(command)}\n{result.stderr[-3000:]}")
+    losses = re.findall(r"eval loss ([0-9.]+)", result.stdout + result.stderr)
+    if not losses:
+        sys.exit(f"no eval loss in the output of {shlex.join(command)}")
+    return float(losses[-1]), time.monotonic() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text-bytes", type=int, default=400_000, help="size of the text corpus")
+    parser.add_argument("--shards", type=int, default=32, help="shards of the corpus-order dataset")
+    parser.add_argument("--epochs", type=float, default=1.5)
+    parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temp folder)")
+    parser.add_argument("extra", nargs="*", help="more training flags for both runs, after --")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_shuffle_") as tmp:
+        root = args.work or Path(tmp)
+        ordered, single, train_samples, eval_samples = write_datasets(root, args.text_bytes, args.shards)
+        steps = math.ceil(args.epochs * train_samples / GLOBAL_BATCH)
+        eval_batches = max(1, eval_samples // 8)  # the whole eval shard, in micro-batches of 8
+        print(f"corpus: {train_samples * SEQ_LEN:,} training tokens ({train_samples} samples of {SEQ_LEN}), "
+              f"{eval_samples * SEQ_LEN:,} eval tokens; {steps} steps = {args.epochs} epochs")
+        results = {}
+        for name, data_dir in (("corpus order", ordered), ("one shard", single)):
+            command = train_command(data_dir, root / f"run-{name.replace(' ', '-')}", steps, eval_batches, args.extra)
+            print(f"{name}: {shlex.join(command)}", flush=True)
+            results[name], seconds = final_eval_loss(command)
+            print(f"  eval loss {results[name]:.4f} nats/token ({seconds:.0f} s)", flush=True)
+        difference = results["corpus order"] - results["one shard"]
+        print(f"{args.shards} shards in corpus order: {results['corpus order']:.4f}   one shuffled shard: "
+              f"{results['one shard']:.4f}   difference {difference:+.4f} nats (target <= 0.01)")
+        print(f"reproduce: python -m bench.bench_shuffle --text-bytes {args.text_bytes} --shards {args.shards} "
+              f"--epochs {args.epochs}" + (f" -- {shlex.join(args.extra)}" if args.extra else ""))
+
+
+if __name__ == "__main__":
+    main()
