@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def test_download_many_fails_fast_on_a_cut_object_and_names_it(provider, new_buc
     assert "cannot reach" in str(raised.value) or "reset" in str(raised.value).lower()
     assert "\n" not in str(raised.value)
     assert proxy.count(path_regex=r"broken\.bin", faulted=True) >= 1
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("storage-download")]
     assert not list((tmp_path / "out").rglob("*.partial")), "temp file left behind"
     assert not (tmp_path / "out" / "ckpt" / "cut" / "broken.bin").exists()
     for key in ("ckpt/big.bin", "ckpt/state.json"):  # were running in parallel: they finish whole, or not at all
