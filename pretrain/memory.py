@@ -298,12 +298,14 @@ def choose_layout(
     fused_optimizer: bool = True,
     ddp_gradient_as_bucket_view: bool = False,
     fsdp_sync_each_micro_batch: bool = False,
+    keep_micro_batch: bool = False,
 ) -> Layout:
     """The fastest layout that fits with headroom, for `--strategy auto|ddp|fsdp` and
     `--gradient-checkpointing auto|true|false`; a choice that is not "auto" is kept as given.
 
     Candidates: DDP or FSDP, with or without activation checkpointing, at the asked micro-batch or a divisor of
-    it (accumulation grows so the global batch stays the same), ranked by an estimated step time (FSDP x1.03,
+    it unless keep_micro_batch (accumulation grows so the global batch stays the same), ranked by an estimated
+    step time (FSDP x1.03,
     each halving of the micro-batch x1.06, checkpointing x4/3). When nothing fits, the layout with the smallest
     peak is returned, with fits False and a reason that says so: the caller decides to stop or warn.
     """
@@ -320,7 +322,7 @@ def choose_layout(
     if num_gpus == 1:
         strategies = ["ddp"]  # FSDP over one GPU shards nothing and only adds its own buffers
     checkpointing = [False, True] if activation_checkpointing == "auto" else [activation_checkpointing]
-    micro_batches = [m for m in range(micro_batch, 0, -1) if micro_batch % m == 0]
+    micro_batches = [micro_batch] if keep_micro_batch else [m for m in range(micro_batch, 0, -1) if micro_batch % m == 0]
 
     candidates = []
     for m in micro_batches:
@@ -381,12 +383,16 @@ def measured_gpu_memory_gib(device_index: int = 0) -> float | None:
 
 
 def plan_for_config(config, *, num_gpus: int, gpu_memory_gib: float, strategy: str = "auto",
-                    activation_checkpointing: str | bool = "auto") -> Layout:
-    """choose_layout with a TrainingConfig's shape, batch and precision."""
+                    activation_checkpointing: str | bool = "auto", keep_micro_batch: bool = False,
+                    **assumptions) -> Layout:
+    """choose_layout with a TrainingConfig's shape, batch and precision. With keep_micro_batch the layout keeps the
+    config's micro-batch; otherwise apply the chosen one with with_layout(config, layout), or the run may not fit.
+    `assumptions`: fused_optimizer, ddp_gradient_as_bucket_view, fsdp_sync_each_micro_batch (see plan_memory)."""
     return choose_layout(
         config.model, seq_len=config.seq_len, micro_batch=config.per_device_train_batch_size,
         accumulation=config.gradient_accumulation_steps, num_gpus=num_gpus, mixed_precision=config.mixed_precision,
         gpu_memory_gib=gpu_memory_gib, strategy=strategy, activation_checkpointing=activation_checkpointing,
+        keep_micro_batch=keep_micro_batch, **assumptions,
     )
 
 

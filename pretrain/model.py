@@ -61,10 +61,12 @@ def to_hf_config(model: ModelConfig) -> GPTNeoXConfig:
 
 def _refuse_attention_mask(module, args, kwargs):
     # With causal_sdpa transformers drops a 2-D padding mask without a word; a padded batch must fail loudly instead.
-    if kwargs.get("attention_mask") is not None:
+    # Training passes no mask (no cost); generate() passes an all-ones one, checked here at one host sync per call.
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
         raise ValueError(
-            "attention_mask was passed to a model built with attn_implementation='causal_sdpa', which ignores it; "
-            "build the model with attn_implementation='sdpa' to train on padded samples"
+            "a padding attention_mask was passed to a model built with attn_implementation='causal_sdpa', which "
+            "ignores it; build the model with attn_implementation='sdpa' to use padded batches"
         )
 
 

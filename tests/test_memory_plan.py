@@ -218,3 +218,20 @@ def test_activation_estimate_matches_what_autograd_saves(layers, mixed_precision
         # again in the recompute, out of sight of these hooks, so only the output projection's copy shows
         expected += plan.low_precision_weights if not checkpointing else 2 * shape.vocab_size * shape.hidden_size
     assert measured == pytest.approx(expected, rel=0.03), (measured, expected)
+
+
+def test_keep_micro_batch_answers_whether_the_configured_batch_fits():
+    # 2 x 24 GB: the auto choice halves the micro-batch; kept at 4, FSDP needs activation checkpointing
+    layout = plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[24], strategy="fsdp",
+                             keep_micro_batch=True)
+    assert (layout.micro_batch, layout.activation_checkpointing) == (4, True) and layout.fits
+    layout = plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[24], strategy="fsdp",
+                             activation_checkpointing="false", keep_micro_batch=True)
+    assert layout.micro_batch == 4 and not layout.fits
+
+
+def test_bucket_views_let_ddp_fit_two_40gb_cards():
+    # Accelerate's default DDP keeps a second fp32 copy of the gradients; gradient_as_bucket_view=True does not
+    assert plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[40]).strategy == "fsdp"
+    layout = plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[40], ddp_gradient_as_bucket_view=True)
+    assert (layout.strategy, layout.micro_batch, layout.fits) == ("ddp", 4, True)

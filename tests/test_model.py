@@ -132,8 +132,23 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(compiled):
 def test_a_padding_mask_is_refused_not_ignored():
     model = build_model(TINY)
     input_ids = _batch()
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    mask = torch.ones_like(input_ids)
+    model(input_ids=input_ids, attention_mask=mask)  # all ones, as generate() passes: nothing to ignore
+    mask[0, :5] = 0
+    with pytest.raises(ValueError, match="padding attention_mask"):
+        model(input_ids=input_ids, attention_mask=mask)
+
+
+def test_generation_with_a_kv_cache_matches_transformers_sdpa():
+    """Decoding steps (one query, many cached keys) go to transformers' implementation: same tokens as its sdpa."""
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    reference = _twin(model, "sdpa").eval()
+    prompt = _batch(batch=1, seq=8)
+    with torch.no_grad():
+        ours = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        theirs = reference.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
 
 
 def test_the_exported_config_does_not_name_the_custom_attention(tmp_path):
