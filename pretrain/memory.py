@@ -217,7 +217,9 @@ def plan_memory(
     h, f = model.hidden_size, model.intermediate_size
     layer_matrices = 4 * h * h + 2 * h * f
     copied_layers = 1 if activation_checkpointing else model.num_hidden_layers
-    low_precision_weights = 2 * (model.vocab_size * h + copied_layers * layer_matrices) if (low == 2 and not fsdp) else 0
+    low_precision_weights = 0
+    if low == 2 and not fsdp:
+        low_precision_weights = 2 * (model.vocab_size * h + copied_layers * layer_matrices)
     fsdp_unsharded = 0
     if fsdp:
         # FSDP1 keeps the root unit (embeddings, output projection) gathered from forward to backward, plus the
@@ -322,7 +324,9 @@ def choose_layout(
     if num_gpus == 1:
         strategies = ["ddp"]  # FSDP over one GPU shards nothing and only adds its own buffers
     checkpointing = [False, True] if activation_checkpointing == "auto" else [activation_checkpointing]
-    micro_batches = [micro_batch] if keep_micro_batch else [m for m in range(micro_batch, 0, -1) if micro_batch % m == 0]
+    micro_batches = [m for m in range(micro_batch, 0, -1) if micro_batch % m == 0]
+    if keep_micro_batch:
+        micro_batches = [micro_batch]
 
     candidates = []
     for m in micro_batches:

@@ -24,7 +24,9 @@ def causal_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     bottom-right-aligned mask: that case goes to transformers' implementation.
     """
     if query.shape[2] != key.shape[2] or attention_mask is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, dropout_p=dropout, scale=scaling, is_causal=True
     )

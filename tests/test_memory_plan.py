@@ -21,7 +21,6 @@ from pretrain.memory import (
 from pretrain.model import build_model, count_parameters, enable_activation_checkpointing
 
 PRODUCTION = get_config("production")
-PRODUCTION_8GPU = get_config("production_8gpu")
 
 # The README's "Will it fit?" table: (config, GPU class in GB, GPUs) -> the layout choose_layout picks, or None
 # where nothing fits. The same table is in the README; a change of the plan shows up here first.
