@@ -68,9 +68,21 @@ def write_datasets(root: Path, text_bytes: int, num_shards: int) -> tuple[Path, 
     return ordered, single, len(train) // SEQ_LEN, len(evaluation) // SEQ_LEN
 
 
-def train_command(data_dir: Path, work: Path, steps: int, eval_batches: int, extra: list[str]) -> list[str]:
+# The control: the same corpus-order shards under the order runs had before chunking (blocks of two whole shards),
+# which no flag selects, so train.py runs directly with the data room's default order swapped for it.
+LEGACY_ORDER_RUN = (
+    "import runpy, sys; import pretrain.data, pretrain.dataset; "
+    "pretrain.dataset.DEFAULT_ORDER = pretrain.data.LEGACY_ORDER; "
+    "sys.argv = ['train.py', *sys.argv[1:]]; runpy.run_path('train.py', run_name='__main__')"
+)
+
+
+def train_command(data_dir: Path, work: Path, steps: int, eval_batches: int, extra: list[str],
+                  legacy_order: bool = False) -> list[str]:
+    launcher = ([sys.executable, "-c", LEGACY_ORDER_RUN] if legacy_order
+                else [str(REPO_ROOT / "start_training.sh"), "--gpus", "0"])
     return [
-        str(REPO_ROOT / "start_training.sh"), "--config", "test", "--gpus", "0", "--data-dir", str(data_dir),
+        *launcher, "--config", "test", "--data-dir", str(data_dir),
         "--output-dir", str(work / "checkpoints"), "--logging-dir", str(work / "logs"),
         "--checkpoint-bucket", str(work / "bucket"), "--max-steps", str(steps), "--save-steps", str(10 * steps),
         "--logging-steps", str(max(1, steps // 5)), "--eval-shards", "1", "--eval-steps", "0",
@@ -96,6 +108,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=32, help="shards of the corpus-order dataset")
     parser.add_argument("--epochs", type=float, default=1.5)
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temp folder)")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the corpus-order shards with the old order (blocks of 2 whole shards)")
     parser.add_argument("extra", nargs="*", help="more training flags for both runs, after --")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_shuffle_") as tmp:
@@ -106,14 +120,21 @@ def main() -> None:
         print(f"corpus: {train_samples * SEQ_LEN:,} training tokens ({train_samples} samples of {SEQ_LEN}), "
               f"{eval_samples * SEQ_LEN:,} eval tokens; {steps} steps = {args.epochs} epochs")
         results = {}
-        for name, data_dir in (("corpus order", ordered), ("one shard", single)):
-            command = train_command(data_dir, root / f"run-{name.replace(' ', '-')}", steps, eval_batches, args.extra)
+        runs = [("corpus order", ordered, False), ("one shard", single, False)]
+        runs += [("control: corpus order, old order", ordered, True)] if args.control else []
+        for name, data_dir, legacy in runs:
+            work = root / f"run-{len(results)}"
+            command = train_command(data_dir, work, steps, eval_batches, args.extra, legacy)
             print(f"{name}: {shlex.join(command)}", flush=True)
             results[name], seconds = final_eval_loss(command)
             print(f"  eval loss {results[name]:.4f} nats/token ({seconds:.0f} s)", flush=True)
         difference = results["corpus order"] - results["one shard"]
         print(f"{args.shards} shards in corpus order: {results['corpus order']:.4f}   one shuffled shard: "
               f"{results['one shard']:.4f}   difference {difference:+.4f} nats (target <= 0.01)")
+        if args.control:
+            control = results["control: corpus order, old order"] - results["one shard"]
+            print(f"control, old order (blocks of 2 whole shards) on the corpus-order shards: "
+                  f"{results['control: corpus order, old order']:.4f}   difference {control:+.4f} nats")
         print(f"reproduce: python -m bench.bench_shuffle --text-bytes {args.text_bytes} --shards {args.shards} "
               f"--epochs {args.epochs}" + (f" -- {shlex.join(args.extra)}" if args.extra else ""))
 

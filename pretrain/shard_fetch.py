@@ -46,6 +46,7 @@ HEADER_WORKERS = 16
 RANGE_CHUNK_BYTES = 64 * 1024
 HEAD_BYTES = 4096  # zip local header + .npy header of a numpy.savez shard, with room to spare
 CLOSE_WAIT_SECONDS = 10.0
+STATUS_FILES_KEPT_SECONDS = 7 * 24 * 3600.0
 
 
 class FetchFailed(ShardError):
@@ -164,6 +165,7 @@ class ShardFetcher:
         """Fetch the rest in the background, in the given order, self.workers at a time."""
         shards = list(shards)
         self.gate.checked_dir.mkdir(parents=True, exist_ok=True)
+        _remove_old_status_files(self.gate.checked_dir)
         self._touch_heartbeat()
         self._thread = threading.Thread(target=self._run, args=(shards,), name="shard-fetcher", daemon=True)
         self._thread.start()
@@ -330,6 +332,17 @@ def inspect_local_headers(data_dir: Path, rel_paths: list[str], seq_len: int,
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(inspect, rel_paths))
+
+
+def _remove_old_status_files(checked_dir: Path) -> None:
+    """Status files of runs that ended long ago (a killed run leaves its own behind)."""
+    cutoff = time.time() - STATUS_FILES_KEPT_SECONDS
+    for path in checked_dir.glob("run-*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass  # another node's fetcher removed it first
 
 
 def one_line(error: BaseException) -> str:
