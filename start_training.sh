@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launches training through `accelerate launch train.py` on this machine's GPUs (or CPU).
 #   ./start_training.sh --config production --gpus 2
-#   ./start_training.sh --config production --gpus 2 --resume latest
+#   ./start_training.sh --config production --gpus 2 --resume auto
 # Launcher flags: --config NAME  --gpus N  --cpu-processes N  --strategy ddp|fsdp
 #                 --nodes N --node-rank R --main-address HOST --main-port PORT
 # Every other flag goes to train.py (--resume, --max-steps, --save-steps, ...; see --help).
@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 
 for arg in "$@"; do
   if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     echo
     ./setup.sh --quiet && exec .venv/bin/python train.py "$@"
   fi
@@ -120,5 +120,8 @@ if [ -n "$stray" ]; then
 fi
 if [ -s "$launch_dir/exit_code" ]; then
   status=$(cat "$launch_dir/exit_code")
+elif [ "$status" -gt 128 ]; then
+  echo "error: the launcher (accelerate) was killed by signal $((status - 128)) before the training reported how it ended; run the same command with --resume auto" >&2
+  status=1
 fi
 exit "$status"

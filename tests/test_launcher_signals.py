@@ -3,6 +3,7 @@ exit code (75 after an emergency checkpoint), no traceback is printed and no pro
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 
@@ -77,3 +78,17 @@ def test_sigterm_during_start_up_ends_the_run_and_leaves_nothing_behind(processe
     assert max(steps, default=0) <= 2, steps
     for name in checkpoints(workdir):
         assert verify_checkpoint(workdir / "checkpoints" / name) is None, name
+
+
+def test_a_killed_accelerate_leaves_no_training_process_behind(tmp_path, sample_data):
+    """If accelerate itself dies (the OOM killer, a stray kill -9), the ranks it started are stopped as if preempted."""
+    workdir = tmp_path / "run"
+    run = Watched(launcher_command(workdir, sample_data, "--max-steps", "40", *COMMON))
+    wait_for_step(workdir, 2, run.process, timeout=300)
+    wrapper = [line for line in survivors(str(workdir)) if "pretrain.accelerate_quietly" in line]
+    assert len(wrapper) == 1, wrapper
+    os.kill(int(wrapper[0].split(":")[0]), signal.SIGKILL)
+    assert run.finish(timeout=180) == PREEMPTED_EXIT_CODE, run.text()[-4000:]
+    text = assert_quiet_and_gone(run, str(workdir))
+    assert "stopping them" in text and "SIGTERM received" in text, text[-4000:]
+    assert len(checkpoints(workdir)) == 1
