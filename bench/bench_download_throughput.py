@@ -28,28 +28,43 @@ PREFIX = "ckpt"
 Fetch = Callable[[str, Path], None]
 
 
-def plain_s3(bucket: str) -> Fetch:
+def plain_s3(bucket: str, tuned: StorageOptions | None) -> Fetch:
     import boto3
+    from boto3.s3.transfer import TransferConfig
 
     client = boto3.client("s3")
-    return lambda key, path: client.download_file(bucket, f"{PREFIX}/{key}", str(path))
+    config = TransferConfig() if tuned is None else TransferConfig(
+        multipart_threshold=tuned.multipart_chunk_bytes, multipart_chunksize=tuned.multipart_chunk_bytes,
+        max_concurrency=tuned.max_concurrency)
+    return lambda key, path: client.download_file(bucket, f"{PREFIX}/{key}", str(path), Config=config)
 
 
-def plain_gcs(bucket: str) -> Fetch:
+def plain_gcs(bucket: str, tuned: StorageOptions | None) -> Fetch:
     from google.cloud import storage
+    from google.cloud.storage import transfer_manager
 
     blobs = storage.Client().bucket(bucket)
-    return lambda key, path: blobs.blob(f"{PREFIX}/{key}").download_to_filename(str(path))
+    if tuned is None:
+        return lambda key, path: blobs.blob(f"{PREFIX}/{key}").download_to_filename(str(path))
+    return lambda key, path: transfer_manager.download_chunks_concurrently(
+        blobs.get_blob(f"{PREFIX}/{key}"), str(path), chunk_size=tuned.multipart_chunk_bytes,
+        max_workers=tuned.max_concurrency, worker_type=transfer_manager.THREAD)
 
 
-def plain_azure(container: str) -> Fetch:
+def plain_azure(container: str, tuned: StorageOptions | None) -> Fetch:
     from azure.storage.blob import BlobServiceClient
 
+    sizes = {} if tuned is None else {"max_single_get_size": tuned.multipart_chunk_bytes,
+                                      "max_chunk_get_size": tuned.multipart_chunk_bytes}
     client = BlobServiceClient.from_connection_string(
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"]).get_container_client(container)
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"], **sizes).get_container_client(container)
 
     def fetch(key: str, path: Path) -> None:
-        path.write_bytes(client.download_blob(f"{PREFIX}/{key}").readall())
+        if tuned is None:
+            path.write_bytes(client.download_blob(f"{PREFIX}/{key}").readall())
+        else:
+            with open(path, "wb") as out:
+                client.download_blob(f"{PREFIX}/{key}", max_concurrency=tuned.max_concurrency).readinto(out)
 
     return fetch
 
@@ -79,7 +94,7 @@ def timed_mbps(run: Callable[[Path], None], files: list[Path], scratch: Path) ->
 
 
 def bench_provider(name: str, files: list[Path], options: StorageOptions, workers: int, repeats: int,
-                   with_serial: bool, scratch: Path) -> None:
+                   with_serial: bool, with_tuned: bool, scratch: Path) -> None:
     start, env_for, create_bucket, scheme, plain_factory = PROVIDERS[name]
     emulator = start() if start else emulators.start_azurite(scratch)
     try:
@@ -90,7 +105,7 @@ def bench_provider(name: str, files: list[Path], options: StorageOptions, worker
         started = time.perf_counter()
         storage.upload_many([(path, path.name) for path in files], max_workers=workers)
         upload_mbps = sum(path.stat().st_size for path in files) / MiB / (time.perf_counter() - started)
-        plain = plain_factory(bucket)
+        plain = plain_factory(bucket, None)
         keys = [path.name for path in files]
         runs: dict[str, Callable[[Path], None]] = {
             "many": lambda target: storage.download_many([(key, target / key) for key in keys], max_workers=workers),
@@ -98,6 +113,9 @@ def bench_provider(name: str, files: list[Path], options: StorageOptions, worker
         }
         if with_serial:
             runs["serial"] = lambda target: [storage.download(key, target / key) for key in keys]
+        if with_tuned:
+            tuned = plain_factory(bucket, options)
+            runs["tuned"] = lambda target: [tuned(key, target / key) for key in keys]
         # Client creation and connection set-up stay out of the timings.
         storage.download(keys[-1], scratch / "warm-up-ours")
         plain(keys[-1], scratch / "warm-up-plain")
@@ -113,6 +131,9 @@ def bench_provider(name: str, files: list[Path], options: StorageOptions, worker
                  for label in runs if label != "plain"}
         serial = (f"  download one by one {median['serial']:6.1f} MB/s (/plain {ratio['serial']:.2f})"
                   if with_serial else "")
+        if with_tuned:
+            serial += (f"  plain SDK with our part size and threads {median['tuned']:6.1f} MB/s "
+                       f"(download_many/it {statistics.median(o / t for o, t in zip(results['many'], results['tuned'])):.2f})")
         print(f"{name:6s} download_many {median['many']:6.1f} MB/s  plain SDK {median['plain']:6.1f} MB/s  "
               f"download_many/plain {ratio['many']:.2f}{serial}  |  our upload_many {upload_mbps:6.1f} MB/s, "
               f"download_many/upload_many {median['many'] / upload_mbps:.2f}", flush=True)
@@ -134,6 +155,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="objects in flight at once in download_many")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--serial", action="store_true", help="also time Storage.download one file after another")
+    parser.add_argument("--tuned", action="store_true",
+                        help="also time the plain SDK call given our part size and threads (one file after another)")
     args = parser.parse_args()
     options = StorageOptions(multipart_chunk_bytes=args.part_mib * MiB, max_concurrency=args.concurrency)
     print(f"{args.big_files} x {args.big_mib} MiB + {args.small_files} x {args.small_kib} KiB random files; ours: "
@@ -148,7 +171,7 @@ def main() -> None:
             files.append(Path(scratch) / f"small{index}.json")
             files[-1].write_bytes(os.urandom(args.small_kib * 1024))
         for name in args.providers.split(","):
-            bench_provider(name, files, options, args.workers, args.repeats, args.serial, Path(scratch))
+            bench_provider(name, files, options, args.workers, args.repeats, args.serial, args.tuned, Path(scratch))
 
 
 if __name__ == "__main__":
