@@ -21,7 +21,7 @@ import safetensors
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 
 from configs import TrainingConfig, as_dict
 from pretrain.agreement import Agreement
@@ -69,11 +69,14 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss upcast, any fp32 run) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     # cpu=True matters: without it a CPU-only multi-process launch gives independent runs with no all-reduce.
+    # gradient_as_bucket_view: DDP's gradients are views into its all-reduce buckets instead of a second fp32 copy
+    # (5.3 GiB per GPU for the production model; see the memory plan).
     return Accelerator(
         cpu=not cuda,
         mixed_precision=effective_mixed_precision(config, cuda),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
 
 
@@ -294,7 +297,8 @@ class Trainer:
         strategy = "fsdp" if self.accelerator.distributed_type == DistributedType.FSDP else "ddp"
         gib = self.config.gpu_memory_gb or measured_gpu_memory_gib(self.accelerator.device.index or 0)
         layout = plan_for_config(self.config, num_gpus=self.accelerator.num_processes, gpu_memory_gib=gib,
-                                 strategy=strategy, activation_checkpointing="false")
+                                 strategy=strategy, activation_checkpointing="false", keep_micro_batch=True,
+                                 ddp_gradient_as_bucket_view=True)
         self._log("\n".join(layout.plan.lines()))
         if not layout.fits:
             self._log("activation checkpointing on: without it the plan does not fit with headroom")

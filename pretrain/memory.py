@@ -391,7 +391,9 @@ def plan_for_config(config, *, num_gpus: int, gpu_memory_gib: float, strategy: s
                     **assumptions) -> Layout:
     """choose_layout with a TrainingConfig's shape, batch and precision. With keep_micro_batch the layout keeps the
     config's micro-batch; otherwise apply the chosen one with with_layout(config, layout), or the run may not fit.
-    `assumptions`: fused_optimizer, ddp_gradient_as_bucket_view, fsdp_sync_each_micro_batch (see plan_memory)."""
+    `assumptions`: fused_optimizer, ddp_gradient_as_bucket_view, fsdp_sync_each_micro_batch (see plan_memory); by
+    default those of the training loop, whose DDP keeps its gradients as views of the all-reduce buckets."""
+    assumptions = {"ddp_gradient_as_bucket_view": True, **assumptions}
     return choose_layout(
         config.model, seq_len=config.seq_len, micro_batch=config.per_device_train_batch_size,
         accumulation=config.gradient_accumulation_steps, num_gpus=num_gpus, mixed_precision=config.mixed_precision,

@@ -29,8 +29,8 @@ EXPECTED_LAYOUTS = {
     ("production", 24, 2): ("fsdp", False, 2, 8),
     ("production", 24, 8): ("fsdp", False, 4, 4),
     ("production", 40, 1): ("ddp", False, 4, 4),
-    ("production", 40, 2): ("fsdp", False, 4, 4),
-    ("production", 40, 8): ("fsdp", False, 4, 4),
+    ("production", 40, 2): ("ddp", False, 4, 4),
+    ("production", 40, 8): ("ddp", False, 4, 4),
     ("production", 80, 1): ("ddp", False, 4, 4),
     ("production", 80, 2): ("ddp", False, 4, 4),
     ("production", 80, 8): ("ddp", False, 4, 4),
@@ -94,15 +94,16 @@ def test_choose_layout_picks_the_first_fitting_layout_by_cost_and_keeps_the_glob
     config = PRODUCTION
     layout = plan_for_config(config, num_gpus=gpus, gpu_memory_gib=USABLE_GIB[gpu_class])
     assert layout.micro_batch * layout.accumulation == 16
+    # plan_for_config plans the loop's DDP, whose gradients are views of its buckets
     assert layout.plan == _plan(
         num_gpus=gpus, gpu_memory_gib=USABLE_GIB[gpu_class], strategy=layout.strategy,
         activation_checkpointing=layout.activation_checkpointing, micro_batch=layout.micro_batch,
-        accumulation=layout.accumulation,
+        accumulation=layout.accumulation, ddp_gradient_as_bucket_view=True,
     )
     if layout.fits:
         # everything the ranking puts first does not fit: DDP at the asked micro-batch always comes first
         if (layout.strategy, layout.micro_batch, layout.activation_checkpointing) != ("ddp", 4, False):
-            assert not _plan(num_gpus=gpus, gpu_memory_gib=USABLE_GIB[gpu_class]).fits
+            assert not _plan(num_gpus=gpus, gpu_memory_gib=USABLE_GIB[gpu_class], ddp_gradient_as_bucket_view=True).fits
 
 
 def test_forced_choices_are_kept():
@@ -230,7 +231,8 @@ def test_keep_micro_batch_answers_whether_the_configured_batch_fits():
 
 
 def test_bucket_views_let_ddp_fit_two_40gb_cards():
-    # Accelerate's default DDP keeps a second fp32 copy of the gradients; gradient_as_bucket_view=True does not
-    assert plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[40]).strategy == "fsdp"
-    layout = plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[40], ddp_gradient_as_bucket_view=True)
+    # Accelerate's default DDP keeps a second fp32 copy of the gradients; the loop's gradient_as_bucket_view does not
+    default_ddp = plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[40], ddp_gradient_as_bucket_view=False)
+    assert default_ddp.strategy == "fsdp"
+    layout = plan_for_config(PRODUCTION, num_gpus=2, gpu_memory_gib=USABLE_GIB[40])
     assert (layout.strategy, layout.micro_batch, layout.fits) == ("ddp", 4, True)
