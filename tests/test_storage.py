@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -227,3 +228,19 @@ def test_upload_many_names_the_missing_local_file(bucket, tmp_path):
     assert f"{storage.url}/run/absent.txt" in str(raised.value)
     assert "1 not started" in str(raised.value)
     assert storage.list() == []
+
+
+@pytest.mark.parametrize("provider", CLOUD_PROVIDERS)
+def test_concurrent_downloads_fit_the_connection_pool(provider, new_bucket, activate, tmp_path, caplog):
+    """Four objects of three parts each at once: the SDK's HTTP pool must hold every connection, or urllib3
+    opens a new one per extra request and logs "Connection pool is full" into the training log."""
+    storage = open_storage(activate(new_bucket(provider)).url, MULTIPART)
+    keys = [f"ckpt/part{index}.bin" for index in range(4)]
+    random_file(tmp_path / "src.bin", 11 * MiB)
+    storage.upload_many([(tmp_path / "src.bin", key) for key in keys])
+
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        storage.download_many([(key, tmp_path / "out" / key) for key in keys], max_workers=4)
+
+    assert not [record.getMessage() for record in caplog.records if "pool is full" in record.getMessage()]
+    assert all((tmp_path / "out" / key).stat().st_size == 11 * MiB for key in keys)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import requests
 from azure.core import exceptions as azure_errors
 from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from pretrain.storage.base import (
     CONNECT_TIMEOUT_SECONDS,
@@ -18,6 +21,7 @@ from pretrain.storage.base import (
     atomic_local_file,
     bucket_and_prefix,
     built_once,
+    connection_pool_size,
     join_key,
     validate_key,
 )
@@ -48,6 +52,17 @@ def retry_policy(options: StorageOptions) -> ExponentialRetry:
                             retry_total=options.max_retries, random_jitter_range=backoff)
 
 
+def _pooled_session(options: StorageOptions) -> requests.Session:
+    """The session azure-core would build (urllib3 retries off: the retry policy above owns retries), with a pool
+    sized for concurrent transfers instead of requests' 10 connections."""
+    session = requests.Session()
+    size = connection_pool_size(options)
+    no_retries = Retry(total=False, redirect=False, raise_on_status=False)
+    for scheme in ("https://", "http://"):
+        session.mount(scheme, HTTPAdapter(pool_connections=size, pool_maxsize=size, max_retries=no_retries))
+    return session
+
+
 class AzureStorage(Storage):
     def __init__(self, url: str, options: StorageOptions = StorageOptions()) -> None:
         super().__init__(url, options)
@@ -57,7 +72,7 @@ class AzureStorage(Storage):
     def _container(self) -> ContainerClient:
         chunk = self.options.multipart_chunk_bytes
         settings = dict(retry_policy=retry_policy(self.options), max_single_put_size=chunk, max_block_size=chunk,
-                        max_single_get_size=chunk, max_chunk_get_size=chunk,
+                        max_single_get_size=chunk, max_chunk_get_size=chunk, session=_pooled_session(self.options),
                         connection_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS)
         connection_string = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
         if connection_string:

@@ -60,6 +60,12 @@ def write_probe_options(options: StorageOptions) -> StorageOptions:
                    retry_backoff_seconds=min(options.retry_backoff_seconds, 0.2))
 
 
+def connection_pool_size(options: StorageOptions) -> int:
+    """HTTP connections an SDK client keeps: several objects in flight (download_many, parallel shard downloads)
+    each run max_concurrency part requests; a smaller pool opens and discards a connection per extra request."""
+    return max(10, DEFAULT_FILE_WORKERS * 2 * options.max_concurrency)
+
+
 def validate_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in parts):

@@ -24,6 +24,7 @@ from pretrain.storage.base import (
     atomic_local_file,
     bucket_and_prefix,
     built_once,
+    connection_pool_size,
     join_key,
     validate_key,
 )
@@ -90,7 +91,14 @@ class GCSStorage(Storage):
                 self.options.gcs_credentials, scopes=list(storage.Client.SCOPE))
             kwargs["credentials"] = credentials
             kwargs.setdefault("project", credentials.project_id)
-        return storage.Client(**kwargs)
+        client = storage.Client(**kwargs)
+        # The client's session keeps 10 connections; the maintainers' advice for concurrent transfers is to mount
+        # a larger pool (python-storage#253). An mTLS adapter, if the session has one, is left as it is.
+        size = connection_pool_size(self.options)
+        for scheme in ("https://", "http://"):
+            if type(client._http.get_adapter(scheme)) is requests.adapters.HTTPAdapter:
+                client._http.mount(scheme, requests.adapters.HTTPAdapter(pool_connections=size, pool_maxsize=size))
+        return client
 
     @built_once
     def _bucket(self) -> storage.Bucket:

@@ -18,6 +18,7 @@ from pretrain.storage.base import (
     atomic_local_file,
     bucket_and_prefix,
     built_once,
+    connection_pool_size,
     join_key,
     validate_key,
 )
@@ -62,8 +63,7 @@ class S3Storage(Storage):
             retries={"total_max_attempts": self.options.max_retries + 1, "mode": "standard"},
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
             read_timeout=READ_TIMEOUT_SECONDS,
-            # Parallel shard downloads each run max_concurrency part threads; a smaller pool thrashes connections.
-            max_pool_connections=max(10, 8 * self.options.max_concurrency),
+            max_pool_connections=connection_pool_size(self.options),
         )
         # A Session per storage: boto3's default session is not safe to create clients from in several threads.
         return boto3.session.Session().client("s3", endpoint_url=self.options.s3_endpoint_url, config=config)
