@@ -42,7 +42,9 @@ def step(accelerator, model, optimizer, generator) -> float:
     """One optimizer step of the product's own step function, on tokens only this rank draws."""
     accumulation = CONFIG.gradient_accumulation_steps
     batches = iter([torch.randint(0, CONFIG.model.vocab_size, (2, 32), generator=generator) for _ in range(accumulation)])
-    result = train_step(model, optimizer, accelerator, batches, accumulation, CONFIG.max_grad_norm, lr_at(1, CONFIG))
+    # The peak rate (the end of warmup), so three steps move the weights measurably.
+    result = train_step(model, optimizer, accelerator, batches, accumulation, CONFIG.max_grad_norm,
+                        lr_at(CONFIG.warmup_steps, CONFIG))
     return result.loss_sum.item() / accumulation
 
 

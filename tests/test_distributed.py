@@ -208,7 +208,7 @@ def two_process_run(tmp_path_factory, sample_data):
     bucket = f"file://{workdir / 'bucket'}"
     result = check(launch(workdir, sample_data, *TWO_PROCESSES, "--main-port", str(free_port()), *STEPS,
                           "--checkpoint-bucket", bucket))
-    assert "accelerate launch --multi_gpu --num_processes 2" in result.stdout
+    assert "launch --multi_gpu --num_processes 2" in result.stdout
     return workdir
 
 

@@ -1,0 +1,33 @@
+"""The embedded default data: real text from the Python standard library's own documentation, prepared the way a user
+prepares theirs (a byte-level BPE trained on it, documents shuffled and packed into shards with a dataset.json)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from pretrain import prepare_data
+from pretrain.sample_text import write_sample_text
+
+log = logging.getLogger(__name__)
+
+TEXT_BYTES = 2 * 1024 * 1024
+SHARDS = 8  # enough for one held-out shard and a 16-shard mixing window that still fits in the first step
+
+
+def write_sample_corpus(data_dir: Path, vocab_size: int, seed: int) -> None:
+    """Raises ValueError (one line) if preparation fails; leaves data_dir holding shards, tokenizer.json, dataset.json."""
+    log.info("%s has no shards: preparing the sample corpus there (standard-library docs, %d-token BPE trained on "
+             "them)", data_dir, vocab_size)
+    with tempfile.TemporaryDirectory(prefix="sample-text-") as scratch:
+        sources = write_sample_text(Path(scratch), TEXT_BYTES)
+        # About 2 bytes per token at this vocabulary size: SHARDS full shards and a short last one.
+        shard_tokens = TEXT_BYTES // 2 // SHARDS
+        argv = [*map(str, sources), "--out", str(data_dir), "--train-tokenizer", "--vocab-size", str(vocab_size),
+                "--seed", str(seed), "--shard-tokens", str(shard_tokens), "--workers", "1",
+                "--work-dir", str(Path(scratch) / "work")]
+        code = prepare_data.main(argv)
+    if code != 0:
+        raise ValueError(f"{data_dir}: preparing the sample corpus failed (see the line above); pass --data-dir with "
+                         "your own shards, or --generate-sample-data false")
