@@ -129,13 +129,15 @@ def bench_provider(name: str, files: list[Path], options: StorageOptions, worker
         # Each ratio pairs runs of the same repeat, which ran back to back.
         ratio = {label: statistics.median(ours / plain for ours, plain in zip(results[label], results["plain"]))
                  for label in runs if label != "plain"}
-        serial = (f"  download one by one {median['serial']:6.1f} MB/s (/plain {ratio['serial']:.2f})"
-                  if with_serial else "")
         if with_tuned:
-            serial += (f"  plain SDK with our part size and threads {median['tuned']:6.1f} MB/s "
-                       f"(download_many/it {statistics.median(o / t for o, t in zip(results['many'], results['tuned'])):.2f})")
+            ratio["tuned"] = statistics.median(ours / tuned for ours, tuned in zip(results["many"], results["tuned"]))
+        extra = (f"  download one by one {median['serial']:6.1f} MB/s (/plain {ratio['serial']:.2f})"
+                 if with_serial else "")
+        if with_tuned:
+            extra += (f"  plain SDK with our part size and threads {median['tuned']:6.1f} MB/s "
+                      f"(download_many/it {ratio['tuned']:.2f})")
         print(f"{name:6s} download_many {median['many']:6.1f} MB/s  plain SDK {median['plain']:6.1f} MB/s  "
-              f"download_many/plain {ratio['many']:.2f}{serial}  |  our upload_many {upload_mbps:6.1f} MB/s, "
+              f"download_many/plain {ratio['many']:.2f}{extra}  |  our upload_many {upload_mbps:6.1f} MB/s, "
               f"download_many/upload_many {median['many'] / upload_mbps:.2f}", flush=True)
         print(f"       runs: " + "; ".join(f"{label} {', '.join(f'{v:.0f}' for v in values)}"
                                           for label, values in results.items()), flush=True)
@@ -160,8 +162,8 @@ def main() -> None:
     args = parser.parse_args()
     options = StorageOptions(multipart_chunk_bytes=args.part_mib * MiB, max_concurrency=args.concurrency)
     print(f"{args.big_files} x {args.big_mib} MiB + {args.small_files} x {args.small_kib} KiB random files; ours: "
-          f"{args.part_mib} MiB parts, {args.concurrency} threads per object, {args.workers} objects at once; plain: SDK "
-          f"defaults, one file after another; median of {args.repeats} rotated runs; MB/s = MiB per second", flush=True)
+          f"{args.part_mib} MiB parts, {args.concurrency} threads per object, {args.workers} objects at once; "
+          f"plain: SDK defaults, one file after another; median of {args.repeats} rotated runs; MB/s = MiB per second", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-download-") as scratch:
         files = []
         for index in range(args.big_files):

@@ -191,7 +191,8 @@ class Storage(ABC):
                 raise
             return True
 
-        with ThreadPoolExecutor(max_workers=min(max_workers, len(pairs)), thread_name_prefix=f"storage-{action}") as pool:
+        workers = min(max_workers, len(pairs))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"storage-{action}") as pool:
             futures = [pool.submit(run, first, second) for first, second in pairs]
             try:
                 # No timeout here: each transfer is bounded by connect/read timeouts and a finite retry policy.
@@ -204,7 +205,9 @@ class Storage(ABC):
                     future.cancel()
         if not failures:
             return
-        not_started = sum(1 for future in futures if future.cancelled() or future.exception() is None and not future.result())
+        # run() returns False for a transfer it skipped because an earlier one had failed.
+        not_started = sum(1 for future in futures
+                          if future.cancelled() or (future.exception() is None and not future.result()))
         first = failures[0]
         if not isinstance(first, StorageError):
             raise first
