@@ -52,7 +52,8 @@ class TrainingConfig:
     eval_steps: int = 0  # evaluate every N optimizer steps; 0: only at the end
     eval_batches: int = 8  # micro-batches per evaluation
     dataloader_num_workers: int = 4
-    generate_sample_data: bool = False  # write the synthetic sample corpus into data_dir when it has no shards
+    generate_sample_data: bool = False  # write a sample corpus into data_dir when it has no shards
+    sample_corpus: str = "text"  # what that corpus is: text (stdlib docs, a trained BPE) | synthetic (a Markov chain)
 
     # Optimisation
     max_steps: int = 25000
@@ -89,6 +90,7 @@ class TrainingConfig:
     upload_timeout_seconds: float = 1800.0  # how long the end of training waits for pending uploads
     preemption_grace_seconds: float = 25.0  # budget for the emergency checkpoint and its upload on SIGTERM
     export_final_model: bool = True
+    final_samples: int = 3  # lines the exported model generates at the end (when the data has a tokenizer); 0: off
 
     # Storage
     gcs_credentials: str = ""  # path to a service-account JSON; else the default credential chain

@@ -298,8 +298,8 @@ def download_checkpoint(remote: CheckpointStore, name: str, output_dir: Path) ->
     try:
         remote.storage.download(f"{name}/{MANIFEST}", temp / MANIFEST)
         manifest = read_manifest(temp)
-        for relative in manifest["files"]:
-            remote.storage.download(f"{name}/{relative}", temp / relative)
+        # Every file at once, each large one in parallel ranged parts: a resume on a new VM waits on this.
+        remote.storage.download_many([(f"{name}/{relative}", temp / relative) for relative in manifest["files"]])
         problem = verify_checkpoint(temp)
         if problem:
             raise CheckpointError(f"{remote.storage.object_url(name)}: {problem.replace(str(temp), 'downloaded copy')}")

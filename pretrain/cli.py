@@ -105,7 +105,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
     non_negative = [
         "max_files", "eval_steps", "eval_batches", "eval_shards", "warmup_steps", "lr_decay_steps",
         "dataloader_num_workers", "save_every_minutes", "sync_logs_every_minutes", "storage_max_retries",
-        "weight_decay", "max_grad_norm", "upload_timeout_seconds", "preemption_grace_seconds",
+        "weight_decay", "max_grad_norm", "upload_timeout_seconds", "preemption_grace_seconds", "final_samples",
     ]
     for name in non_negative:
         if getattr(config, name) < 0:
@@ -130,6 +130,8 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         raise ValueError(f"--gradient-checkpointing must be auto, true or false, got {config.gradient_checkpointing!r}")
     if config.gpu_memory_gb < 0:
         raise ValueError(f"--gpu-memory-gb must not be negative, got {config.gpu_memory_gb}")
+    if config.sample_corpus not in ("text", "synthetic"):
+        raise ValueError(f"--sample-corpus must be text or synthetic, got {config.sample_corpus!r}")
     if config.wandb_mode not in ("online", "offline"):
         raise ValueError(f"--wandb-mode must be online or offline, got {config.wandb_mode!r}")
     return config

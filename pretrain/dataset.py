@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pretrain.data import LEGACY_ORDER, OrderSpec, TokenSamples
 from pretrain.distributed import on_local_main, on_main
-from pretrain.sample_data import generate_sample_data
+from pretrain.sample_corpus import write_sample_corpus
 from pretrain.shard_fetch import ReadyGate, ShardFetcher, inspect_local_headers, inspect_remote_shards
 from pretrain.shards import ShardError, ShardInfo, discover_shards, split_eval_shards
 from pretrain.storage import ObjectInfo, Storage, open_storage, storage_options
@@ -208,8 +208,7 @@ def freeze_shards(config) -> FrozenShards:
     else:
         has_shards = data_dir.is_dir() and any(data_dir.rglob(f"*{SHARD_SUFFIX}"))
         if config.generate_sample_data and not has_shards:
-            log.info("%s has no shards: writing the synthetic sample corpus there", data_dir)
-            generate_sample_data(data_dir, vocab_size=config.model.vocab_size, seed=config.seed)
+            write_sample_corpus(config.sample_corpus, data_dir, vocab_size=config.model.vocab_size, seed=config.seed)
         rel_paths = discover_shards(data_dir, max_files)
         manifest = read_manifest(data_dir / DATASET_MANIFEST)
         known = _manifest_counts(manifest, {p: (data_dir / p).stat().st_size for p in rel_paths})

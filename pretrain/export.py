@@ -40,6 +40,23 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, output_dir: P
     return final
 
 
+SAMPLE_PROMPTS = ("Return the", "The", "If the", "This module")
+
+
+def sample_lines(final: Path, count: int, max_new_tokens: int = 30, seed: int = 0) -> list[str]:
+    """What the exported folder generates through transformers' own pipeline(), as a user would load it."""
+    from transformers import pipeline, set_seed
+
+    set_seed(seed)
+    with _quiet_transformers():
+        generator = pipeline("text-generation", model=str(final), device="cpu")
+    lines = []
+    for prompt in (SAMPLE_PROMPTS * count)[:count]:
+        text = generator(prompt, max_new_tokens=max_new_tokens, do_sample=True, top_k=40)[0]["generated_text"]
+        lines.append(" ".join(text.split()))
+    return lines
+
+
 def save_tokenizer(tokenizer_dir: Path, out_dir: Path, model_config) -> None:
     """The data's tokenizer beside the weights, as transformers' AutoTokenizer and pipeline() load it."""
     from transformers import PreTrainedTokenizerFast

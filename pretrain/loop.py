@@ -29,7 +29,7 @@ from pretrain.checkpointer import Checkpointer, Resumed
 from pretrain.data import make_train_loader
 from pretrain.dataset import FrozenShards, prepare_training_data
 from pretrain.evaluation import Evaluator, eval_values
-from pretrain.export import export_model
+from pretrain.export import export_model, sample_lines
 from pretrain.metrics import Metrics, ThroughputModel
 from pretrain.memory import measured_gpu_memory_gib, plan_for_config
 from pretrain.model import (
@@ -209,6 +209,9 @@ class Trainer:
         if config.export_final_model:
             final = export_model(self.accelerator, model, Path(config.output_dir), self.data.tokenizer_dir)
             self.metrics.console(f"exported the final model to {final}")
+            if self.is_main and self.data.tokenizer_dir is not None and config.final_samples:
+                for line in sample_lines(final, config.final_samples):
+                    self.metrics.console(f"sample: {line}")
         self.checkpointer.finish(state)
 
     def _agree(self, result: StepResult):

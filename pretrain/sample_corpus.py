@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from pretrain import prepare_data
+from pretrain.sample_data import generate_sample_data
 from pretrain.sample_text import write_sample_text
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,13 @@ TEXT_BYTES = 2 * 1024 * 1024
 SHARDS = 8  # enough for one held-out shard and a 16-shard mixing window that still fits in the first step
 
 
-def write_sample_corpus(data_dir: Path, vocab_size: int, seed: int) -> None:
-    """Raises ValueError (one line) if preparation fails; leaves data_dir holding shards, tokenizer.json, dataset.json."""
+def write_sample_corpus(kind: str, data_dir: Path, vocab_size: int, seed: int) -> None:
+    """`text`: shards, tokenizer.json and dataset.json of real text; `synthetic`: the Markov-chain corpus the tests use.
+    Raises ValueError (one line) if preparation fails."""
+    if kind == "synthetic":
+        log.info("%s has no shards: writing the synthetic sample corpus there", data_dir)
+        generate_sample_data(data_dir, vocab_size=vocab_size, seed=seed)
+        return
     log.info("%s has no shards: preparing the sample corpus there (standard-library docs, %d-token BPE trained on "
              "them)", data_dir, vocab_size)
     with tempfile.TemporaryDirectory(prefix="sample-text-") as scratch:
