@@ -2,7 +2,7 @@
 # Launches training through `accelerate launch train.py` on this machine's GPUs (or CPU).
 #   ./start_training.sh --config production --gpus 2
 #   ./start_training.sh --config production --gpus 2 --resume auto
-# Launcher flags: --config NAME  --gpus N  --cpu-processes N  --strategy ddp|fsdp
+# Launcher flags: --config NAME  --gpus N  --cpu-processes N  --strategy auto|ddp|fsdp
 #                 --nodes N --node-rank R --main-address HOST --main-port PORT
 # Every other flag goes to train.py (--resume, --max-steps, --save-steps, ...; see --help).
 # SIGTERM/SIGINT are forwarded to every training process, which writes an emergency checkpoint
@@ -22,8 +22,14 @@ done
 ./setup.sh --quiet || exit 1
 export PATH="$PWD/.venv/bin:$PATH"
 
-mapfile -d '' command < <(python -m pretrain.launch "$@")
-[ "${#command[@]}" -gt 0 ] || exit 2
+# The plan goes to stderr, the command NUL-separated to stdout; a dry run prints the plan and launches nothing.
+command_file=$(mktemp)
+python -m pretrain.launch "$@" > "$command_file"
+code=$?
+mapfile -d '' command < "$command_file"
+rm -f "$command_file"
+[ "$code" -eq 0 ] || exit "$code"
+[ "${#command[@]}" -gt 0 ] || exit 0
 ORPHAN_GRACE_SECONDS=90  # above the default preemption grace (25 s) plus a step and a save
 launch_dir=$(mktemp -d)
 launcher=''

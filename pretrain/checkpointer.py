@@ -195,6 +195,10 @@ class Checkpointer:
         self.last_saved_step = state.step
         self.last_save_time = time.monotonic()
 
+    def wait_written(self) -> None:
+        """Until the newest checkpoint is on disk; a failed write raises on every rank."""
+        on_main(self.accelerator, self._wait_for_writer)
+
     def finish(self, state: TrainState) -> None:
         """Waits for the newest checkpoint on disk and in the bucket; a failure of either ends the run on every rank."""
         on_main(self.accelerator, self._wait_for_writer)

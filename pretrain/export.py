@@ -30,10 +30,16 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, output_dir: P
             # Generation stops at the document separator the data was packed with.
             unwrapped.config.eos_token_id = unwrapped.config.bos_token_id = unwrapped.config.pad_token_id = eos_id
             unwrapped.generation_config.eos_token_id = unwrapped.generation_config.pad_token_id = eos_id
-        with _quiet_transformers():
-            unwrapped.save_pretrained(temp, state_dict=snapshot(clean_state_dict(state)))
-        if tokenizer_dir is not None:
-            save_tokenizer(tokenizer_dir, temp, unwrapped.config)
+        try:
+            with _quiet_transformers():
+                unwrapped.save_pretrained(temp, state_dict=snapshot(clean_state_dict(state)))
+            if tokenizer_dir is not None:
+                save_tokenizer(tokenizer_dir, temp, unwrapped.config)
+        except Exception as error:  # safetensors reports a full disk as SafetensorError, torch as RuntimeError
+            shutil.rmtree(temp, ignore_errors=True)
+            reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise OSError(f"could not export the final model to {final}: {reason}; the checkpoints are complete: "
+                          f"free disk space and run the same command again to export") from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temp, final)
     accelerator.wait_for_everyone()

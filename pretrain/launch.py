@@ -14,10 +14,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from configs import TrainingConfig
 from pretrain.cli import parse_config
+from pretrain.memory import Layout, measured_gpu_memory_gib, plan_for_config, with_layout
+from pretrain.model import build_model, count_parameters
+from pretrain.plan import RunPlan
 
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("auto", "ddp", "fsdp")
 # torchrun's agent SIGKILLs the ranks this long after passing on a SIGTERM; they need the grace period plus the
 # time to finish the step they are in and leave the process group.
 SHUTDOWN_MARGIN_SECONDS = 60
@@ -41,7 +45,7 @@ def parse_launch_args(argv: list[str]) -> LaunchRequest:
     parser.add_argument("--config", default="test")
     parser.add_argument("--gpus", type=int, default=None)
     parser.add_argument("--cpu-processes", type=int, default=0)
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--node-rank", type=int, default=0)
     parser.add_argument("--main-address", default="127.0.0.1")
@@ -80,13 +84,32 @@ def accelerate_config_file(gpus: int, strategy: str, nodes: int) -> Path:
     return ACCELERATE_CONFIG_DIR / name
 
 
+def choose_layout_for(request: LaunchRequest, config: TrainingConfig, gpus: int) -> tuple[Layout, list[str]]:
+    """The layout `--strategy auto` / `--gradient-checkpointing auto` pick from the memory plan, with the plan's lines.
+
+    GPU memory: --gpu-memory-gb, else what the first visible GPU reports.
+    """
+    gib = config.gpu_memory_gb or measured_gpu_memory_gib(0)
+    if not gib:
+        raise ValueError("no GPU is visible to plan the memory for: pass --gpu-memory-gb N (the memory of one GPU)")
+    layout = plan_for_config(config, num_gpus=gpus * request.nodes, gpu_memory_gib=gib, strategy=request.strategy,
+                             activation_checkpointing=config.gradient_checkpointing)
+    lines = [*layout.plan.lines(), f"layout: {layout.reason}"]
+    if not layout.fits:
+        lines.append(f"warning: {layout.plan.verdict} with headroom; the run may stop out of memory (see README, "
+                     "Will it fit?)")
+    return layout, lines
+
+
 def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -> tuple[list[str], list[str]]:
     """(command, plan lines). The command is `env K=V ... python -m pretrain.accelerate_quietly launch [flags] train.py
-    [train flags]`."""
+    [train flags]`; empty for a dry run, whose whole plan is in the lines."""
     config = parse_config(request.train_args)
     gpus = available_gpus if request.gpus is None else request.gpus
     if request.cpu_processes and gpus:
         raise ValueError("--cpu-processes is for machines without a GPU; drop it or pass --gpus 0")
+    if config.dry_run:
+        return [], dry_run_lines(request, config, gpus)
     if gpus > available_gpus:
         raise ValueError(
             f"--gpus {gpus}: {'no GPU is' if not available_gpus else f'only {available_gpus} GPUs are'} visible on "
@@ -94,10 +117,17 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
         )
     env = {}
     flags: list[str] = []
+    train_args = list(request.train_args)
+    memory_lines: list[str] = []
     if gpus:
         processes_per_node = gpus
         precision = config.mixed_precision
-        flags += ["--config_file", str(accelerate_config_file(gpus, request.strategy, request.nodes))]
+        layout, memory_lines = choose_layout_for(request, config, gpus)
+        # The choice goes to train.py as ordinary flags (the last of a repeated flag wins), so it shows in the command.
+        train_args += ["--per-device-train-batch-size", str(layout.micro_batch), "--gradient-accumulation-steps",
+                       str(layout.accumulation), "--gradient-checkpointing", str(layout.activation_checkpointing).lower()]
+        config = with_layout(config, layout)
+        flags += ["--config_file", str(accelerate_config_file(gpus, layout.strategy, request.nodes))]
         flags += ["--num_processes", str(gpus * request.nodes), "--mixed_precision", precision]
         if request.nodes > 1:
             flags += [
@@ -124,15 +154,24 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
     processes = processes_per_node * request.nodes
     if processes > 1:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(math.ceil(config.preemption_grace_seconds) + SHUTDOWN_MARGIN_SECONDS)
-    tokens = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes * config.seq_len
-    plan = [
-        f"config {request.config_name} on {device}, mixed precision {precision}",
-        f"batch: {config.per_device_train_batch_size} per device x {config.gradient_accumulation_steps} accumulation x "
-        f"{processes} processes x {config.seq_len} seq len = {tokens:,} tokens per optimizer step",
-    ]
-    command = ["python", "-m", "pretrain.accelerate_quietly", "launch", *flags, "train.py", *request.train_args]
+    plan = [*RunPlan(config, processes, cuda=bool(gpus)).lines(), *memory_lines]
+    command = ["python", "-m", "pretrain.accelerate_quietly", "launch", *flags, "train.py", *train_args]
     env_words = [f"{key}={value}" for key, value in env.items()]
     return ["env", *env_words, *command], plan
+
+
+def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> list[str]:
+    """The whole plan without allocating anything or needing the GPUs: the model on the meta device, the memory plan
+    (with --gpu-memory-gb on a machine without them) and the layout auto would pick."""
+    lines = ["dry run: nothing is allocated or trained"]
+    memory_lines: list[str] = []
+    processes = max(1, request.cpu_processes) if not gpus else gpus * request.nodes
+    if gpus:
+        layout, memory_lines = choose_layout_for(request, config, gpus)
+        config = with_layout(config, layout)
+    model = build_model(config.model, device="meta")
+    lines += RunPlan(config, processes, cuda=bool(gpus), model_size=count_parameters(model)).lines()
+    return [*lines, *memory_lines]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in plan:
         print(line, file=sys.stderr)
-    sys.stdout.write("\0".join(command) + "\0")
+    if command:
+        sys.stdout.write("\0".join(command) + "\0")
     return 0
 
 

@@ -41,7 +41,7 @@ from pretrain.model import (
 )
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.plan import RunPlan, effective_mixed_precision
-from pretrain.preemption import PreemptionFlag
+from pretrain.preemption import Preempted, PreemptionFlag
 from pretrain.state_dicts import load_model_state
 from pretrain.train_state import TrainState
 
@@ -154,14 +154,14 @@ class Trainer:
         set_seed(config.seed)
         self.checkpointer = self.cleanup.enter_context(Checkpointer(config, accelerator, self.preemption))
         resumed = self.checkpointer.resume()
-        self.preemption.raise_if_requested()
+        self._stop_if_preempted()
         started = time.monotonic()
         frozen = FrozenShards.from_json(resumed.state.data) if resumed else None
         self.data = prepare_training_data(config, accelerator, frozen,
                                           start_sample=resumed.state.samples_consumed if resumed else 0)
         self.cleanup.callback(self.data.close)
         self._log(f"{self.data.describe()} (ready in {time.monotonic() - started:.1f} s)")
-        self.preemption.raise_if_requested()
+        self._stop_if_preempted()
         model = build_model(config.model)
         if resumed is not None:
             load_model_state(model, resumed.model_state)
@@ -181,7 +181,7 @@ class Trainer:
         self.checkpointer.sync_logs_from(self.metrics.run_dir)
         self.agreement = Agreement(accelerator.device, accelerator.num_processes)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.int64, device=accelerator.device)
-        self.preemption.raise_if_requested()
+        self._stop_if_preempted()
 
     def train(self) -> None:
         config, state, model = self.config, self.state, self.model
@@ -206,6 +206,7 @@ class Trainer:
             signals = self._agree(result)
             self.checkpointer.step_done(state, model, self.optimizer, signals)
         self.checkpointer.save(state, model, self.optimizer, "final")
+        self.checkpointer.wait_written()  # a failed final write ends the run here, before the export writes anything
         if config.export_final_model:
             final = export_model(self.accelerator, model, Path(config.output_dir), self.data.tokenizer_dir)
             self.metrics.console(f"exported the final model to {final}")
@@ -291,6 +292,15 @@ class Trainer:
                           wandb_settings, history=state.history)
         self._log(f"logs: {run_dir} (tensorboard --logdir {config.logging_dir})")
         return metrics
+
+    def _stop_if_preempted(self) -> None:
+        """Between set-up stages: a signal before step 1 ends the run at once (nothing new to save). Every rank passes
+        the same stages, so they agree here in one small collective and stop together, never one rank alone."""
+        requested = torch.tensor([int(self.preemption.requested)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            requested = self.accelerator.reduce(requested, reduction="sum")
+        if int(requested.item()):
+            raise Preempted(self.preemption.signal_name or "a signal on another process")
 
     def _wants_activation_checkpointing(self) -> bool:
         """`auto`: only on a GPU whose memory the current layout would not fit without it (see the memory plan)."""

@@ -20,7 +20,9 @@ def effective_mixed_precision(config: TrainingConfig, cuda: bool) -> str:
     if not cuda:
         return config.mixed_precision if config.cpu_mixed_precision else "no"
     # including_emulation=False: pre-Ampere GPUs "support" bf16 only by slow emulation.
-    if config.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    # Only a GPU that is here can be asked; a plan for GPUs elsewhere (a dry run) takes the config at its word.
+    if (config.mixed_precision == "bf16" and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):
         log.warning("this GPU has no bf16; training in fp16 with a loss scaler")
         return "fp16"
     return config.mixed_precision

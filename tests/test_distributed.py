@@ -69,8 +69,10 @@ def free_port() -> int:
 
 def accelerate_launch_resolution(argv: list[str], gpus: int):
     """What accelerate launch makes of start_training.sh's flags: its own parser and validation (private, but where
-    the precedence of config file against command line lives), then the settings it hands to torchrun."""
-    command, _ = build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=16)
+    the precedence of config file against command line lives), then the settings it hands to torchrun. GPUs are
+    planned as 80 GB cards, where the configured layout fits as it is."""
+    memory = ["--gpu-memory-gb", "79.1"] if gpus else []
+    command, _ = build_command(parse_launch_args([*argv, *memory]), available_gpus=gpus, cpu_count=16)
     flags = command[command.index("launch") + 1 : command.index("train.py")]
     args = launch_command_parser().parse_args([*flags, "train.py"])
     args, _, _ = _validate_launch_command(args)

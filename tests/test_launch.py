@@ -24,7 +24,7 @@ def test_cpu_single_process_uses_cpu_flag_and_all_cores():
     assert env == ["env", "OMP_NUM_THREADS=2"]
     assert "--cpu" in flags and flags[flags.index("--mixed_precision") + 1] == "no"
     assert train_args == ["--config", "test", "--max-steps", "5"]
-    assert "8 per device x 2 accumulation x 1 processes x 128 seq len = 2,048 tokens" in plan[1]
+    assert "batch: 8 per device x 2 accumulation x 1 process x 128 tokens = 2,048 tokens per optimizer step" in plan
 
 
 def test_cpu_processes_use_multi_gpu_flag_so_gloo_really_runs_n_processes():
@@ -42,24 +42,52 @@ def test_torchrun_waits_longer_than_the_emergency_checkpoints_grace_period_befor
     assert not any(word.startswith("TORCH_ELASTIC") for word in env)  # one process: no torchrun agent
 
 
-def test_production_on_two_gpus_prints_the_batch_arithmetic():
-    _, flags, train_args, plan = command_for(["--config", "production", "--gpus", "2"], gpus=2)
+def test_production_on_two_80gb_gpus_runs_ddp_as_configured_and_prints_the_plan():
+    _, flags, train_args, plan = command_for(["--config", "production", "--gpus", "2", "--gpu-memory-gb", "79.1"], gpus=2)
     assert flags[flags.index("--config_file") + 1].endswith("configs/accelerate/ddp_2gpu.yaml")
     assert flags[flags.index("--num_processes") + 1] == "2"
     assert flags[flags.index("--mixed_precision") + 1] == "bf16"
-    assert "4 per device x 4 accumulation x 2 processes x 1024 seq len = 32,768 tokens per optimizer step" in plan[1]
+    assert "batch: 4 per device x 4 accumulation x 2 processes x 1024 tokens = 32,768 tokens per optimizer step" in plan
     assert train_args[:2] == ["--config", "production"]
+    assert train_args[-6:] == ["--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "4",
+                               "--gradient-checkpointing", "false"]
+    assert any(line.startswith("memory plan per GPU: DDP on 2 GPUs") for line in plan)
+    assert any(line.startswith("layout: DDP on 2 GPUs, micro-batch 4 x accumulation 4: fits") for line in plan)
+
+
+def test_auto_picks_what_the_memory_plan_says_and_keeps_the_global_batch():
+    """Two 24 GB cards: DDP does not fit, so FSDP at micro-batch 2 with twice the accumulation (README table)."""
+    _, flags, train_args, plan = command_for(["--config", "production", "--gpus", "2", "--gpu-memory-gb", "22.5"], gpus=2)
+    assert flags[flags.index("--config_file") + 1].endswith("configs/accelerate/fsdp.yaml")
+    assert train_args[-6:] == ["--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "8",
+                               "--gradient-checkpointing", "false"]
+    assert "batch: 2 per device x 8 accumulation x 2 processes x 1024 tokens = 32,768 tokens per optimizer step" in plan
+    # A forced strategy is kept, and the plan says it does not fit.
+    _, flags, _, plan = command_for(["--config", "production", "--gpus", "2", "--gpu-memory-gb", "22.5", "--strategy",
+                                     "ddp", "--gradient-checkpointing", "false"], gpus=2)
+    assert flags[flags.index("--config_file") + 1].endswith("ddp_2gpu.yaml")
+    assert any(line.startswith("warning:") for line in plan)
+
+
+def test_dry_run_plans_gpus_this_machine_does_not_have(tmp_path):
+    result = subprocess.run([str(REPO / "start_training.sh"), "--config", "production", "--gpus", "2",
+                             "--gpu-memory-gb", "24", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "running:" not in result.stdout
+    assert "1,414,455,296 parameters" in result.stderr and "1,208,602,624 non-embedding" in result.stderr
+    assert "memory plan per GPU: FSDP on 2 GPUs, micro-batch 2 x accumulation 8" in result.stderr
+    assert "batch: 2 per device x 8 accumulation x 2 processes x 1024 tokens = 32,768 tokens" in result.stderr
 
 
 def test_fsdp_and_multi_node_pick_their_files_and_pass_rendezvous_flags():
     _, flags, _, plan = command_for(
         ["--config", "production_8gpu", "--gpus", "8", "--strategy", "fsdp", "--nodes", "2", "--node-rank", "1",
-         "--main-address", "10.0.0.2", "--main-port", "29501"], gpus=8)
+         "--main-address", "10.0.0.2", "--main-port", "29501", "--gpu-memory-gb", "79.1"], gpus=8)
     assert flags[flags.index("--config_file") + 1].endswith("multi_node_fsdp.yaml")
     assert flags[flags.index("--num_processes") + 1] == "16"
     assert flags[flags.index("--machine_rank") + 1] == "1"
     assert flags[flags.index("--main_process_ip") + 1] == "10.0.0.2"
-    assert "8 per device x 4 accumulation x 16 processes x 1024 seq len = 524,288 tokens" in plan[1]
+    assert "batch: 8 per device x 4 accumulation x 16 processes x 1024 tokens = 524,288 tokens per optimizer step" in plan
 
 
 @pytest.mark.parametrize(
@@ -70,6 +98,7 @@ def test_fsdp_and_multi_node_pick_their_files_and_pass_rendezvous_flags():
         (["--gpus", "1", "--cpu-processes", "2"], 1, "--cpu-processes is for machines without a GPU"),
         (["--nodes", "2", "--node-rank", "2"], 1, "--node-rank 2 must be in"),
         (["--config", "nope"], 0, "is not a known config"),
+        (["--config", "production", "--gpus", "2"], 2, "pass --gpu-memory-gb N"),
         (["--save-stpes", "3"], 0, "did you mean --save-steps"),
     ],
 )
