@@ -134,7 +134,6 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
                 "--num_machines", str(request.nodes), "--machine_rank", str(request.node_rank),
                 "--main_process_ip", request.main_address, "--main_process_port", str(request.main_port),
             ]
-        device = f"{gpus} GPU{'s' if gpus > 1 else ''}" + (f" x {request.nodes} nodes" if request.nodes > 1 else "")
     else:
         if request.strategy == "fsdp":
             raise ValueError("--strategy fsdp needs GPUs: Accelerate does not set up FSDP on CPU processes (see README)")
@@ -150,7 +149,6 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
         flags += ["--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
         # A fair share of the cores per process; oversubscribed threads make every process slower.
         env["OMP_NUM_THREADS"] = str(max(1, cpu_count // processes_per_node))
-        device = f"CPU, {processes_per_node} process{'es' if processes_per_node > 1 else ''}"
     processes = processes_per_node * request.nodes
     if processes > 1:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(math.ceil(config.preemption_grace_seconds) + SHUTDOWN_MARGIN_SECONDS)

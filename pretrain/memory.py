@@ -36,7 +36,7 @@ _CHECKPOINTING_COST = 4 / 3
 
 def parameter_count(model: ModelConfig) -> int:
     """Parameters of transformers' GPTNeoXForCausalLM with this shape (the same count the built model reports)."""
-    h, f, v = model.hidden_size, model.intermediate_size, model.vocab_size
+    h, v = model.hidden_size, model.vocab_size
     return v * h * (1 if model.tie_word_embeddings else 2) + model.num_hidden_layers * _layer_parameters(model) + 2 * h
 
 

@@ -9,8 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,54 +17,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pretrain.checkpoint import verify_checkpoint
 from pretrain.preemption import PREEMPTED_EXIT_CODE
-from tests.launcher import REPO, RUN_NAME, check, checkpoints, final_weights, isolated_args, launch, logged
+from tests.launcher import (
+    REPO,
+    RUN_NAME,
+    Watched,
+    check,
+    checkpoints,
+    final_weights,
+    isolated_args,
+    launch,
+    launcher_command,
+    logged,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 COMMON = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2", "--lr-decay-steps", "40"]
 
-
-
-class Watched:
-    """A running process whose stderr is collected by a thread, so a test can wait for a line without sleeping."""
-
-    def __init__(self, command: list[str]) -> None:
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, fragment: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(fragment in line for line in self.lines):
-                left = deadline - time.monotonic()
-                assert left > 0 and self.process.poll() is None, f"never saw {fragment!r}:\n{''.join(self.lines)[-3000:]}"
-                self._changed.wait(timeout=min(left, 1.0))
-
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
-def wait_for_step(workdir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
-    """Polls the metrics file the run writes (bounded; the run logs every step)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        path = workdir / "logs" / RUN_NAME / "metrics.jsonl"
-        if path.exists() and logged(workdir) and max(logged(workdir)) >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run never reached step {step}")
-
-
-def launcher_command(workdir: Path, data_dir: Path, *args: str) -> list[str]:
-    return [str(REPO / "start_training.sh"), *isolated_args(workdir, data_dir, *args), *args]
 
 
 def test_sigterm_writes_an_emergency_checkpoint_exits_75_and_resumes_exactly(tmp_path, sample_data):
