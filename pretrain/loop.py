@@ -181,6 +181,8 @@ class Trainer:
         self.checkpointer.sync_logs_from(self.metrics.run_dir)
         self.agreement = Agreement(accelerator.device, accelerator.num_processes)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        self.nonfinite_before = self.state.nonfinite_steps
         self._stop_if_preempted()
 
     def train(self) -> None:
@@ -201,6 +203,7 @@ class Trainer:
             state.epoch = state.samples_consumed // self.data.samples_per_epoch
             state.elapsed_seconds += time.monotonic() - clock
             clock = time.monotonic()
+            self._count_skipped(result)
             self._log_step(result)
             self._maybe_evaluate()
             signals = self._agree(result)
@@ -217,7 +220,6 @@ class Trainer:
 
     def _agree(self, result: StepResult):
         """One small collective per step; what it returns was posted a step ago, so reading it never stalls."""
-        self.consecutive_nonfinite = torch.where(result.skipped, self.consecutive_nonfinite + 1, 0)
         signals = self.agreement.exchange(self.preemption.requested, self.checkpointer.save_due_by_time(),
                                           self.checkpointer.write_failed(), self.consecutive_nonfinite)
         if signals.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
@@ -228,16 +230,19 @@ class Trainer:
             )
         return signals
 
+    def _count_skipped(self, result: StepResult) -> None:
+        """On the device: no host sync for a count that is read only when logged or agreed on."""
+        self.consecutive_nonfinite = torch.where(result.skipped, self.consecutive_nonfinite + 1, 0)
+        self.skipped_total += result.skipped.to(torch.int64)
+
     def _log_step(self, result: StepResult) -> None:
         state = self.state
         values = self.metrics.end_step(state.step, result.loss_sum, self.config.gradient_accumulation_steps,
                                        self.accelerator)
         if values is None:
             return
-        # Read on logging steps only: these host reads wait for the step to finish, which the log line needs anyway.
-        skipped_now = int(self.consecutive_nonfinite.item())
-        state.nonfinite_steps += skipped_now - getattr(self, "_nonfinite_seen", 0) if skipped_now else 0
-        self._nonfinite_seen = skipped_now
+        # Read on logging steps only: this host read waits for the step to finish, which the log line needs anyway.
+        state.nonfinite_steps = self.nonfinite_before + int(self.skipped_total.item())
         values["train/lr"] = lr_at(state.step, self.config)
         values["train/grad_norm"] = float(result.grad_norm)
         values["train/nonfinite_steps"] = float(state.nonfinite_steps)
