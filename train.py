@@ -45,6 +45,16 @@ def _record_for_launcher(name: str, value: str) -> None:
         pass
 
 
+def one_line(error: BaseException) -> str:
+    """Our errors are one line already; one raised in a DataLoader worker comes wrapped in the worker's traceback, whose
+    last line is `module.Class: the original message`."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -81,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("stopped by %s; run the same command with --resume auto to continue", signal_name)
         code = PREEMPTED_EXIT_CODE
     except CheckpointNotUploaded as error:
-        log.error("error: %s", redact(str(error)))
+        log.error("error: %s", redact(one_line(error)))
         code = EXIT_NOT_UPLOADED
     except NonFiniteLoss as error:
         log.error("%s", error)
         code = EXIT_NONFINITE
     except (ValueError, FileNotFoundError, CheckpointError, StorageError, PermissionError, OSError) as error:
-        log.error("error: %s", redact(str(error)))
+        log.error("error: %s", redact(one_line(error)))
         code = EXIT_BAD_INPUT
     if rank == "0":
         _record_for_launcher("exit_code", str(code))
