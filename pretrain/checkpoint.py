@@ -164,17 +164,28 @@ def verify_checkpoint(folder: Path, check_contents: bool = True) -> str | None:
 
 
 def load_checkpoint(folder: Path) -> CheckpointPayload:
-    """Loads without executing any pickled code: safetensors, weights_only torch.load, JSON."""
-    model_state = load_file(str(folder / MODEL_FILE))
+    """Loads without executing any pickled code: safetensors, weights_only torch.load, JSON.
+
+    Every tensor is a copy-on-write map of its file (MAP_PRIVATE), not a private copy: the ranks of a node share one
+    copy of the checkpoint in the page cache instead of each holding its own, pages are read only when touched, and a
+    rank that changes a tensor in place gets a private page, never a change to the file. Safe because a checkpoint's
+    files are never rewritten in place (written under a temp name and renamed; removed by unlink).
+    """
+    model_state = load_file(str(folder / MODEL_FILE), backend="mmap")
     try:
-        optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        rng_states = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
+        optimizer_state = _load_tensors(folder / OPTIMIZER_FILE)
+        rng_states = _load_tensors(folder / RNG_FILE)
     except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError and friends; all mean "refused"
         raise CheckpointError(
             f"{folder}: refused to load {OPTIMIZER_FILE}/{RNG_FILE}: it holds something other than tensors and "
             f"plain data ({type(error).__name__}); the checkpoint may have been tampered with"
         ) from error
     return CheckpointPayload(model_state, optimizer_state, rng_states, read_state(folder))
+
+
+def _load_tensors(path: Path) -> Any:
+    """A torch.save file with its tensors mapped from the file (see load_checkpoint); weights_only refuses code."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def read_state(folder: Path) -> TrainState:
