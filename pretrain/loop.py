@@ -337,7 +337,8 @@ class Trainer:
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "backend='x' raised:" + the cause
             log.warning("torch.compile (backend %s) failed at the first step (%s); training without it",
                         config.compile_backend, reason)
             torch._dynamo.reset()
