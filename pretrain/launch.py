@@ -17,7 +17,6 @@ from pathlib import Path
 from configs import TrainingConfig
 from pretrain.cli import parse_config
 from pretrain.memory import Layout, measured_gpu_memory_gib, plan_for_config, with_layout
-from pretrain.model import build_model, count_parameters
 from pretrain.plan import RunPlan
 
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
@@ -161,6 +160,8 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
 def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> list[str]:
     """The whole plan without allocating anything or needing the GPUs: the model on the meta device, the memory plan
     (with --gpu-memory-gb on a machine without them) and the layout auto would pick."""
+    from pretrain.model import build_model, count_parameters  # transformers: only for a dry run
+
     lines = ["dry run: nothing is allocated or trained"]
     memory_lines: list[str] = []
     processes = max(1, request.cpu_processes) if not gpus else gpus * request.nodes

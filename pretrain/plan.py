@@ -7,11 +7,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from configs import TrainingConfig
-from pretrain.model import ModelSize, build_model, count_parameters, describe, flops_per_token
+
+if TYPE_CHECKING:
+    from pretrain.model import ModelSize
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class RunPlan:
     config: TrainingConfig
     num_processes: int
     cuda: bool
-    model_size: ModelSize | None = None  # known once the model is built (on the meta device for a dry run)
+    model_size: "ModelSize | None" = None  # known once the model is built (on the meta device for a dry run)
 
     @property
     def global_batch_samples(self) -> int:
@@ -49,6 +52,9 @@ class RunPlan:
         return effective_mixed_precision(self.config, self.cuda)
 
     def lines(self) -> list[str]:
+        # transformers only when a model was built: the launcher prints its plan without importing it (seconds).
+        if self.model_size is not None:
+            from pretrain.model import describe, flops_per_token
         c = self.config
         device = f"{self.num_processes} GPU{'s' if self.num_processes > 1 else ''}" if self.cuda else (
             f"CPU, {self.num_processes} process{'es' if self.num_processes > 1 else ''}")
@@ -73,6 +79,8 @@ class RunPlan:
 
 
 def print_dry_run(config: TrainingConfig) -> None:
+    from pretrain.model import build_model, count_parameters
+
     processes = int(os.environ.get("WORLD_SIZE", "0")) or config.num_processes
     model = build_model(config.model, device="meta")  # shapes only: no memory for the weights
     plan = RunPlan(config, processes, torch.cuda.is_available(), count_parameters(model))
