@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     _record_for_launcher(f"rank{rank}.pid", str(os.getpid()))
     log = logging.getLogger("train")
     try:
-        Trainer(config, preemption).run()
+        trainer = Trainer(config, preemption)
+        _KEEP_UNTIL_EXIT.append(trainer)  # freed only by os._exit below: see exit_without_teardown
+        trainer.run()
         code = EXIT_OK
     except Preempted as signal_name:
         log.warning("stopped by %s; run the same command with --resume auto to continue", signal_name)
@@ -104,5 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def exit_without_teardown(code: int) -> None:
+    """Ends the process without interpreter teardown. Freeing the DDP model there frees its reducer and with it the
+    gloo process group, whose destructor joins its worker thread while holding the GIL; a worker that still has to
+    free a finished broadcast's tensors needs the GIL, so the rank hangs forever (seen with torch 2.13 on 2 CPU
+    processes: one rank stuck in ~ProcessGroupGloo after the other exited). Everything that must reach the disk was
+    closed by the run already (checkpoint workers joined, logs closed); the streams are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_KEEP_UNTIL_EXIT: list = []
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
