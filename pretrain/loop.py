@@ -162,7 +162,8 @@ class Trainer:
         self.cleanup.callback(self.data.close)
         self._log(f"{self.data.describe()} (ready in {time.monotonic() - started:.1f} s)")
         self._stop_if_preempted()
-        model = build_model(config.model)
+        # Built where it trains: on a GPU the random init runs there, never on the CPU before the weights load.
+        model = build_model(config.model, device=accelerator.device)
         if resumed is not None:
             load_model_state(model, resumed.model_state)
         self.plan = RunPlan(config, accelerator.num_processes, accelerator.device.type == "cuda", count_parameters(model))
