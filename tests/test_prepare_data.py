@@ -144,20 +144,25 @@ def test_other_seed_other_order(corpus: Path, trained: Path, tmp_path: Path):
 
 
 def test_killed_at_random_moments_resumes_to_identical_output(corpus: Path, trained: Path, tmp_path: Path):
+    """SIGKILL to the whole process group at seeded moments, each one right after the run recorded new progress (a
+    file in its work folder), so every kill lands mid-run whatever the machine's speed; then re-runs to the end."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pretrain.prepare_data", str(corpus), "--out", str(out), "--train-tokenizer",
                "--vocab-size", str(VOCAB), "--shard-tokens", "7000", "--bucket-tokens", "20000", "--workers", "2",
                "--seq-len-hint", "128"]
     rng = random.Random(1234)
-    kills = 0
-    for attempt in range(8):
+    kills, progress_at_last_kill = 0, -1
+    for attempt in range(10):
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    start_new_session=True)
         if attempt < 6:
-            deadline = time.monotonic() + rng.uniform(0.5, 4.0)
-            while time.monotonic() < deadline and process.poll() is None:
-                time.sleep(0.02)
+            deadline = time.monotonic() + KILL_TIMEOUT_SECONDS
+            while process.poll() is None and work_files(out) <= progress_at_last_kill:
+                assert time.monotonic() < deadline, "the run made no progress"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.2))
             if process.poll() is None:
+                progress_at_last_kill = work_files(out)
                 os.killpg(process.pid, signal.SIGKILL)  # the workers too, as a preempted VM would
                 kills += 1
         _, stderr = process.communicate(timeout=KILL_TIMEOUT_SECONDS)
@@ -165,10 +170,15 @@ def test_killed_at_random_moments_resumes_to_identical_output(corpus: Path, trai
             break
         assert process.returncode == -signal.SIGKILL, stderr.decode()
     assert process.returncode == 0
-    assert kills >= 2, "the delays should have interrupted the run at least twice"
+    assert kills >= 2, "the run should have been interrupted at least twice"
     assert output_files(out) == output_files(trained)
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=KILL_TIMEOUT_SECONDS)
     assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def work_files(out: Path) -> int:
+    """Files the run has completed so far (its work folder and outputs), each written whole by a rename."""
+    return sum(1 for path in out.rglob("*") if path.is_file() and not path.name.endswith(".partial")) if out.exists() else 0
 
 
 def test_rerun_with_other_arguments_is_refused(corpus: Path, trained: Path, tmp_path: Path):
