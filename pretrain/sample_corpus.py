@@ -26,14 +26,22 @@ def write_sample_corpus(kind: str, data_dir: Path, vocab_size: int, seed: int) -
         return
     log.info("%s has no shards: preparing the sample corpus there (standard-library docs, %d-token BPE trained on "
              "them)", data_dir, vocab_size)
-    with tempfile.TemporaryDirectory(prefix="sample-text-") as scratch:
-        sources = write_sample_text(Path(scratch), TEXT_BYTES)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Prepared beside data_dir and moved in: preparation refuses a non-empty --out, and data/ holds its README.
+    with tempfile.TemporaryDirectory(prefix=".sample-corpus-", dir=data_dir.parent) as scratch:
+        sources = write_sample_text(Path(scratch) / "text", TEXT_BYTES)
+        prepared = Path(scratch) / "prepared"
         # About 2 bytes per token at this vocabulary size: SHARDS full shards and a short last one.
         shard_tokens = TEXT_BYTES // 2 // SHARDS
-        argv = [*map(str, sources), "--out", str(data_dir), "--train-tokenizer", "--vocab-size", str(vocab_size),
+        argv = [*map(str, sources), "--out", str(prepared), "--train-tokenizer", "--vocab-size", str(vocab_size),
                 "--seed", str(seed), "--shard-tokens", str(shard_tokens), "--workers", "1",
                 "--work-dir", str(Path(scratch) / "work")]
         code = prepare_data.main(argv)
+        if code == 0:
+            # dataset.json last: its presence means the set is complete, as in a bucket.
+            for path in sorted(prepared.iterdir(), key=lambda p: (p.name == "dataset.json", p.name)):
+                if path.is_file():
+                    path.replace(data_dir / path.name)
     if code != 0:
         raise ValueError(f"{data_dir}: preparing the sample corpus failed (see the line above); pass --data-dir with "
                          "your own shards, or --generate-sample-data false")

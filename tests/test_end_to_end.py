@@ -103,6 +103,8 @@ def test_the_default_job_goes_from_text_to_a_model_that_generates(tmp_path):
     """An empty data folder: real text is prepared with a trained tokenizer, trained on, exported with the tokenizer;
     the export loads in transformers' pipeline() and pretrain.generate samples from a checkpoint in the bucket."""
     data = tmp_path / "data"
+    data.mkdir()
+    (data / "README.md").write_text("what goes here\n")  # as in a fresh clone: data/ is not empty, it has no shards
     result = check(launch(tmp_path, data, "--max-steps", "4", "--save-steps", "4", "--logging-steps", "2",
                           "--eval-steps", "0", "--warmup-steps", "1", "--final-samples", "2"))
     manifest = json.loads((data / "dataset.json").read_text())
