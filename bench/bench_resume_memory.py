@@ -41,6 +41,7 @@ from pretrain.checkpoint import (  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 from pretrain.state_dicts import clean_state_dict, full_optimizer_state  # noqa: E402
+from bench.bench_save_stall import tensors_of  # noqa: E402
 from tests.checkpointer_harness import state_at  # noqa: E402
 
 PROCESSES = 2
@@ -58,16 +59,6 @@ def copying_load(folder: Path) -> CheckpointPayload:
 
 
 LOADERS = {"copying (former)": copying_load, "mapped (load_checkpoint)": load_checkpoint}
-
-
-def tensors_of(state) -> list[torch.Tensor]:
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for value in state.values() for t in tensors_of(value)]
-    if isinstance(state, (list, tuple)):
-        return [t for value in state for t in tensors_of(value)]
-    return []
 
 
 def memory_of(pid: int) -> dict[str, int]:

@@ -46,10 +46,5 @@ class PreemptionFlag:
     def requested(self) -> bool:
         return self._event.is_set()
 
-    def raise_if_requested(self) -> None:
-        """Between set-up stages: a signal before step 1 ends the run at once, as nothing new needs saving."""
-        if self._event.is_set():
-            raise Preempted(self.signal_name)
-
     def grace_left(self, grace_seconds: float) -> float:
         return max(0.0, grace_seconds - (time.monotonic() - self.received_at))
