@@ -20,6 +20,7 @@ if __package__ in (None, ""):
 
 import psutil
 
+from pretrain.prepare_data import default_workers
 from pretrain.sample_text import write_sample_text
 from pretrain.tokenizer import train_byte_level_bpe
 
@@ -49,10 +50,11 @@ def make_corpus(sample: list[Path], folder: Path, copies: int) -> Path:
     return folder
 
 
-def run_prep(corpus: Path, tokenizer: Path, out: Path, workers: int, extra: list[str]) -> tuple[float, int]:
-    """Wall seconds of the whole command and the peak RSS (bytes) of its process tree, polled."""
+def run_prep(corpus: Path, tokenizer: Path, out: Path, workers: int | None, extra: list[str]) -> tuple[float, int]:
+    """Wall seconds of the whole command and the peak RSS (bytes) of its process tree, polled; workers None: the
+    command's default."""
     command = [sys.executable, "-m", "pretrain.prepare_data", str(corpus), "--out", str(out), "--tokenizer",
-               str(tokenizer), "--workers", str(workers), *extra]
+               str(tokenizer), *(["--workers", str(workers)] if workers else []), *extra]
     began = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = psutil.Process(process.pid)
@@ -99,19 +101,19 @@ def main() -> None:
         base_seconds, tokens = baseline(tokenizer, corpus)
         print(f"  tokenizers encode_batch (texts in memory, all cores): {base_seconds:6.2f} s  "
               f"{tokens / base_seconds:12,.0f} tok/s")
-        for workers in sorted({cores, 1}, reverse=True):
+        for workers in dict.fromkeys([None, cores, 1]):
             seconds, _ = run_prep(corpus, tokenizer, root / f"out-w{workers}", workers, [])
-            mode = "process pool" if workers > 1 else "one process, library threads"
-            print(f"  prepare_data --workers {workers} ({mode}), whole command: {seconds:6.2f} s  "
-                  f"{tokens / seconds:12,.0f} tok/s  ratio {base_seconds / seconds:.2f}x")
+            flag = f"(default: --workers {default_workers()})" if workers is None else f"--workers {workers}"
+            print(f"  prepare_data {flag}, whole command: {seconds:6.2f} s  {tokens / seconds:12,.0f} tok/s  "
+                  f"ratio {base_seconds / seconds:.2f}x{' (target >= 0.8x)' if workers is None else ''}")
         rss_args = ["--bucket-tokens", str(1 << 18), "--shard-tokens", str(1 << 18)]
         peaks = []
         for copies in (args.rss_copies, 10 * args.rss_copies):
             corpus = make_corpus(sample, root / f"rss-{copies}", copies)
             size = sum(p.stat().st_size for p in corpus.iterdir()) / 1e6
-            seconds, peak = run_prep(corpus, tokenizer, root / f"rss-out-{copies}", cores, rss_args)
+            seconds, peak = run_prep(corpus, tokenizer, root / f"rss-out-{copies}", None, rss_args)
             peaks.append(peak)
-            print(f"peak RSS (process tree, --workers {cores}, --bucket-tokens 2^18): {size:6.1f} MB corpus "
+            print(f"peak RSS (process tree, default --workers, --bucket-tokens 2^18): {size:6.1f} MB corpus "
                   f"{peak / 2**20:7.1f} MiB ({seconds:.1f} s)")
             shutil.rmtree(corpus)
         print(f"  growth with a 10x corpus: {100 * (peaks[1] / peaks[0] - 1):+.1f}% (target <= 10%)")

@@ -68,21 +68,15 @@ def write_datasets(root: Path, text_bytes: int, num_shards: int) -> tuple[Path, 
     return ordered, single, len(train) // SEQ_LEN, len(evaluation) // SEQ_LEN
 
 
-# The control: the same corpus-order shards under the order runs had before chunking (blocks of two whole shards),
-# which no flag selects, so train.py runs directly with the data room's default order swapped for it.
-LEGACY_ORDER_RUN = (
-    "import runpy, sys; import pretrain.data, pretrain.dataset; "
-    "pretrain.dataset.DEFAULT_ORDER = pretrain.data.LEGACY_ORDER; "
-    "sys.argv = ['train.py', *sys.argv[1:]]; runpy.run_path('train.py', run_name='__main__')"
-)
+# The reference shuffles its one shard fully (one block of one chunk is the whole epoch); the control is the order
+# runs had before chunking (blocks of two whole shards).
+FULL_SHUFFLE = ["--block-chunks", "1", "--shard-chunks", "1"]
+OLD_ORDER = ["--block-chunks", "2", "--shard-chunks", "1"]
 
 
-def train_command(data_dir: Path, work: Path, steps: int, eval_batches: int, extra: list[str],
-                  legacy_order: bool = False) -> list[str]:
-    launcher = ([sys.executable, "-c", LEGACY_ORDER_RUN] if legacy_order
-                else [str(REPO_ROOT / "start_training.sh"), "--gpus", "0"])
+def train_command(data_dir: Path, work: Path, steps: int, eval_batches: int, extra: list[str]) -> list[str]:
     return [
-        *launcher, "--config", "test", "--data-dir", str(data_dir),
+        str(REPO_ROOT / "start_training.sh"), "--gpus", "0", "--config", "test", "--data-dir", str(data_dir),
         "--output-dir", str(work / "checkpoints"), "--logging-dir", str(work / "logs"),
         "--checkpoint-bucket", str(work / "bucket"), "--max-steps", str(steps), "--save-steps", str(10 * steps),
         "--logging-steps", str(max(1, steps // 5)), "--eval-shards", "1", "--eval-steps", "0",
@@ -104,39 +98,46 @@ def final_eval_loss(command: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text-bytes", type=int, default=400_000, help="size of the text corpus")
+    parser.add_argument("--text-bytes", type=int, default=300_000, help="size of the text corpus")
     parser.add_argument("--shards", type=int, default=32, help="shards of the corpus-order dataset")
     parser.add_argument("--epochs", type=float, default=1.5)
+    parser.add_argument("--seeds", default="7,42,1",
+                        help="comma-separated training seeds; each changes the init and every order, and the "
+                             "figure is the mean difference over them (one seed's is noisy)")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temp folder)")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=False,
                         help="also train the corpus-order shards with the old order (blocks of 2 whole shards)")
-    parser.add_argument("extra", nargs="*", help="more training flags for both runs, after --")
+    parser.add_argument("extra", nargs="*",
+                        help="more training flags for the corpus-order runs, after -- (e.g. --block-chunks 32)")
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_shuffle_") as tmp:
         root = args.work or Path(tmp)
         ordered, single, train_samples, eval_samples = write_datasets(root, args.text_bytes, args.shards)
         steps = math.ceil(args.epochs * train_samples / GLOBAL_BATCH)
         eval_batches = max(1, eval_samples // 8)  # the whole eval shard, in micro-batches of 8
         print(f"corpus: {train_samples * SEQ_LEN:,} training tokens ({train_samples} samples of {SEQ_LEN}), "
-              f"{eval_samples * SEQ_LEN:,} eval tokens; {steps} steps = {args.epochs} epochs")
-        results = {}
-        runs = [("corpus order", ordered, False), ("one shard", single, False)]
-        runs += [("control: corpus order, old order", ordered, True)] if args.control else []
-        for name, data_dir, legacy in runs:
-            work = root / f"run-{len(results)}"
-            command = train_command(data_dir, work, steps, eval_batches, args.extra, legacy)
-            print(f"{name}: {shlex.join(command)}", flush=True)
-            results[name], seconds = final_eval_loss(command)
-            print(f"  eval loss {results[name]:.4f} nats/token ({seconds:.0f} s)", flush=True)
-        difference = results["corpus order"] - results["one shard"]
-        print(f"{args.shards} shards in corpus order: {results['corpus order']:.4f}   one shuffled shard: "
-              f"{results['one shard']:.4f}   difference {difference:+.4f} nats (target <= 0.01)")
-        if args.control:
-            control = results["control: corpus order, old order"] - results["one shard"]
-            print(f"control, old order (blocks of 2 whole shards) on the corpus-order shards: "
-                  f"{results['control: corpus order, old order']:.4f}   difference {control:+.4f} nats")
+              f"{eval_samples * SEQ_LEN:,} eval tokens; {steps} steps = {args.epochs} epochs; seeds {seeds}")
+        runs = [("corpus order", ordered, args.extra), ("one shard, fully shuffled", single, FULL_SHUFFLE)]
+        runs += [("control: corpus order, old order", ordered, OLD_ORDER)] if args.control else []
+        differences: dict[str, list[float]] = {}
+        for seed in seeds:
+            losses = {}
+            for name, data_dir, flags in runs:
+                work = root / f"run-{seed}-{len(losses)}"
+                command = train_command(data_dir, work, steps, eval_batches, [*flags, "--seed", str(seed)])
+                losses[name], seconds = final_eval_loss(command)
+                print(f"seed {seed} {name}: eval loss {losses[name]:.4f} nats/token ({seconds:.0f} s)  "
+                      f"{shlex.join(command)}", flush=True)
+            for name in losses:
+                if name != "one shard, fully shuffled":
+                    differences.setdefault(name, []).append(losses[name] - losses["one shard, fully shuffled"])
+        for name, values in differences.items():
+            mean = sum(values) / len(values)
+            print(f"{name} minus one fully shuffled shard: mean {mean:+.4f} nats over {len(values)} seeds "
+                  f"({', '.join(f'{v:+.4f}' for v in values)})" + (" (target <= 0.01)" if name == "corpus order" else ""))
         print(f"reproduce: python -m bench.bench_shuffle --text-bytes {args.text_bytes} --shards {args.shards} "
-              f"--epochs {args.epochs}" + (f" -- {shlex.join(args.extra)}" if args.extra else ""))
+              f"--epochs {args.epochs} --seeds {args.seeds}" + (f" -- {shlex.join(args.extra)}" if args.extra else ""))
 
 
 if __name__ == "__main__":

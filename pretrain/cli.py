@@ -98,6 +98,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
     positive = [
         "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "save_steps",
         "logging_steps", "save_total_limit", "remote_save_total_limit", "max_consecutive_nonfinite",
+        "block_chunks", "shard_chunks",
     ]
     for name in positive:
         if getattr(config, name) <= 0:

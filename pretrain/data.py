@@ -165,11 +165,30 @@ class SampleOrder:
     def shards_in_need_order(self, global_index: int) -> list[int]:
         """Every shard position once, in the order a reader starting at global_index first needs it: the rest of
         this epoch block by block, then the next epoch's order for the shards this epoch has already passed."""
+        return [position for position, _ in self.need_schedule(global_index)]
+
+    def need_schedule(self, global_index: int) -> list[tuple[int, int]]:
+        """shards_in_need_order with the block ordinal (see block_ordinal) at which each shard is first needed."""
         epoch, block = self._block_of(global_index)[:2]
-        chunk_order = self._epoch_plan(epoch)[0]
-        ahead = chunk_order[block * self.mix_shards :] // self.shard_chunks
-        after = self._epoch_plan(epoch + 1)[0] // self.shard_chunks
-        return [int(p) for p in dict.fromkeys(np.concatenate([ahead, after]).tolist())]
+        per_epoch = self.blocks_per_epoch
+        ahead = self._epoch_plan(epoch)[0][block * self.mix_shards :]
+        after = self._epoch_plan(epoch + 1)[0]
+        shards = np.concatenate([ahead, after]) // self.shard_chunks
+        ordinals = np.concatenate([epoch * per_epoch + block + np.arange(len(ahead)) // self.mix_shards,
+                                   (epoch + 1) * per_epoch + np.arange(len(after)) // self.mix_shards])
+        first_need: dict[int, int] = {}
+        for position, ordinal in zip(shards.tolist(), ordinals.tolist()):
+            first_need.setdefault(position, ordinal)
+        return list(first_need.items())
+
+    @property
+    def blocks_per_epoch(self) -> int:
+        return -(-self.num_shards * self.shard_chunks // self.mix_shards)
+
+    def block_ordinal(self, global_index: int) -> int:
+        """The block holding global_index, counted from the start of epoch 0: how far reading has got."""
+        epoch, block = self._block_of(global_index)[:2]
+        return epoch * self.blocks_per_epoch + block
 
     def _block_of(self, global_index: int) -> tuple[int, int, int, np.ndarray]:
         """(epoch, block, first index in the epoch of that block, its chunks) of a global sample index."""
@@ -210,9 +229,11 @@ class SampleOrder:
 
 
 class ShardGate(Protocol):
-    """Says when a shard may be opened; the data room's fetcher implements it (pretrain.shard_fetch.ReadyGate)."""
+    """Says when a shard may be opened; the data room's fetcher implements it (pretrain.shard_fetch.ReadyGate).
+    block is the block ordinal being read, which tells a fetcher that keeps a window ahead of the readers where
+    they are."""
 
-    def wait_ready(self, rel_path: str) -> None: ...
+    def wait_ready(self, rel_path: str, block: int) -> None: ...
 
 
 class TokenSamples(Dataset):
@@ -260,17 +281,17 @@ class TokenSamples(Dataset):
 
     def __getitem__(self, global_index: int) -> torch.Tensor:
         position, sample = self.order.locate(global_index)
-        tokens = self._stream(position).read(sample * self.seq_len, self.seq_len)
+        tokens = self._stream(position, global_index).read(sample * self.seq_len, self.seq_len)
         return torch.from_numpy(tokens)
 
-    def _stream(self, position: int) -> TokenStream:
+    def _stream(self, position: int, global_index: int) -> TokenStream:
         if os.getpid() != self._owner_pid:
             # A forked worker inherits the parent's cache; start its own instead of sharing decompressed arrays.
             self._streams = OrderedDict()
             self._owner_pid = os.getpid()
         if position not in self._streams:
             if self.gate is not None:
-                self.gate.wait_ready(self.shards[position].path)
+                self.gate.wait_ready(self.shards[position].path, self.order.block_ordinal(global_index))
             stream = TokenStream(self.data_dir / self.shards[position].path)
             _remember(self._streams, position, stream, self.cache_shards)
         self._streams.move_to_end(position)

@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 DATASET_MANIFEST = "dataset.json"
 MANIFEST_FORMAT_VERSION = 1
 SHARD_SUFFIX = ".npz"
-# The order a fresh run freezes; a resumed run keeps the one in its checkpoint.
-DEFAULT_ORDER = OrderSpec()
 
 
 @dataclass(frozen=True)
@@ -91,16 +89,24 @@ def prepare_training_data(config, accelerator, frozen: FrozenShards | None, star
     data_dir = Path(config.data_dir)
     if frozen is None:
         frozen = on_main(accelerator, lambda: freeze_shards(config))
+    elif (frozen.order.mix_shards, frozen.order.shard_chunks) != (config.block_chunks, config.shard_chunks):
+        log.warning("this run keeps the sample order frozen in its checkpoint (blocks of %d chunks, %d per shard); "
+                    "--block-chunks and --shard-chunks apply to new runs", frozen.order.mix_shards,
+                    frozen.order.shard_chunks)
     run_token = on_main(accelerator, lambda: uuid.uuid4().hex)
     gate = ReadyGate(data_dir, run_token, config.model.vocab_size)
-    order = dict(mix_shards=frozen.order.mix_shards, shard_chunks=frozen.order.shard_chunks, gate=gate)
-    train = TokenSamples(data_dir, list(frozen.train), config.seq_len, config.seed, **order)
-    evaluation = TokenSamples(data_dir, list(frozen.eval), config.seq_len, config.seed, **order) if frozen.eval else None
-    need = train.order.shards_in_need_order(start_sample)
+    order = dict(mix_shards=frozen.order.mix_shards, shard_chunks=frozen.order.shard_chunks)
+    train = TokenSamples(data_dir, list(frozen.train), config.seq_len, config.seed, gate=gate, **order)
+    # The eval order has blocks of its own: its reads must not move the training fetcher's window.
+    eval_gate = ReadyGate(data_dir, run_token, config.model.vocab_size, reports_progress=False)
+    evaluation = (TokenSamples(data_dir, list(frozen.eval), config.seq_len, config.seed, gate=eval_gate, **order)
+                  if frozen.eval else None)
+    schedule = train.order.need_schedule(start_sample)
     first_block = set(train.order.block_shards(start_sample))
-    first = [frozen.train[p] for p in need if p in first_block] + list(frozen.eval)
-    rest = [frozen.train[p] for p in need if p not in first_block]
-    fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest))
+    first = [frozen.train[p] for p, _ in schedule if p in first_block] + list(frozen.eval)
+    rest = [(frozen.train[p], block) for p, block in schedule if p not in first_block]
+    start_block = train.order.block_ordinal(start_sample)
+    fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest, start_block))
     try:
         tokenizer_dir = on_main(accelerator, lambda: find_tokenizer(config))
     except BaseException:
@@ -147,9 +153,10 @@ def _sha256(path: Path) -> str:
 
 
 def start_fetching(config, gate: ReadyGate, frozen: FrozenShards, first: list[ShardInfo],
-                   rest: list[ShardInfo]) -> ShardFetcher:
+                   rest: list[tuple[ShardInfo, int]], start_block: int) -> ShardFetcher:
     """On each node's first process: check every shard can be had (local or in the bucket; stat and listing only),
-    make `first` ready now, then start the background fetcher on `rest`."""
+    make `first` ready now, then start the background fetcher on `rest` (each with the block that first needs it)
+    as the readers approach."""
     storage, remote = None, {}
     if config.data_bucket:
         storage = open_storage(config.data_bucket, storage_options(config))
@@ -157,7 +164,7 @@ def start_fetching(config, gate: ReadyGate, frozen: FrozenShards, first: list[Sh
     check_obtainable(gate.data_dir, frozen.all, storage, remote)
     fetcher = ShardFetcher(gate, config.seq_len, storage, remote)
     fetcher.ensure(first)
-    fetcher.start(rest)
+    fetcher.start(rest, start_block)
     return fetcher
 
 
@@ -225,7 +232,9 @@ def freeze_shards(config) -> FrozenShards:
                 f"{config.seq_len}, so it yields no sample; remove the shard, merge it into another, or lower seq_len"
             )
     train, evaluation = split_eval_shards(shards, config.eval_shards)
-    return FrozenShards(train=tuple(train), eval=tuple(evaluation), order=DEFAULT_ORDER)
+    # The order a fresh run freezes; a resumed run keeps the one in its checkpoint.
+    order = OrderSpec(mix_shards=config.block_chunks, shard_chunks=config.shard_chunks)
+    return FrozenShards(train=tuple(train), eval=tuple(evaluation), order=order)
 
 
 def list_shards(storage: Storage) -> list[ObjectInfo]:

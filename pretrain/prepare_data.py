@@ -43,6 +43,11 @@ DATASET_JSON = "dataset.json"
 TOKENIZER_JSON = "tokenizer.json"
 DEFAULT_SHARD_TOKENS = 1 << 26
 DEFAULT_BUCKET_TOKENS = 1 << 25
+# A worker process per this many cores, each running the tokenizers library's threads on its share: the library's
+# batch encoding scales over threads by itself, and a process costs its start-up and imports (on 2 cores one process
+# was 0.83x of bare encode_batch against 0.75x for two; bench/bench_prepare.py), while the per-token Python work
+# (ids to arrays, sorting, writing parts) needs more than one process on a large machine.
+CORES_PER_WORKER = 4
 DEFAULT_SAMPLE_BYTES = 1 << 28
 # Input bytes per work unit: small enough to spread a few large files over every core and to lose little work
 # to a kill, large enough that per-unit files stay few.
@@ -294,10 +299,12 @@ _worker_tokenizer = None
 _worker_progress: Callable[[int, int, int], None] | None = None
 
 
-def _init_worker(tokenizer_path: str, progress_queue: multiprocessing.Queue | None) -> None:
+def _init_worker(tokenizer_path: str, progress_queue: multiprocessing.Queue | None, threads: int) -> None:
     global _worker_tokenizer, _worker_progress
-    # One worker per core: the library's own thread pool inside each would only oversubscribe the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # The workers share the cores: each gets its part of them for the library's thread pool (read at its first use).
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -647,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text read to train the tokenizer, spread over the whole input")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                        help="tokenizer processes (default: every core; 1 uses the library's own threads)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="tokenizer processes, each using the library's threads on its share of the cores "
+                             f"(default: one per {CORES_PER_WORKER} cores; 1: this process alone)")
     parser.add_argument("--text-field", default="text", help="JSON field or parquet column holding the text")
     parser.add_argument("--separator", help="split .txt files into documents at this string (default: one per file)")
     parser.add_argument("--seq-len-hint", type=int, help="training seq_len; recorded and used for packing_efficiency")
@@ -660,6 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gcs-credentials", help="service account key file for gs://")
     parser.add_argument("--gcp-project")
     return parser
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) // CORES_PER_WORKER)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -767,8 +779,10 @@ def _tokenize_all(settings: Settings, units: list[Unit], tokenizer_path: Path, w
             return
         context = multiprocessing.get_context("spawn")
         progress_queue = context.Queue()
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context, initializer=_init_worker,
-                                 initargs=(str(tokenizer_path), progress_queue)) as pool:
+        processes = min(workers, len(todo))
+        threads = max(1, len(os.sched_getaffinity(0)) // processes)
+        with ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_init_worker,
+                                 initargs=(str(tokenizer_path), progress_queue, threads)) as pool:
             pending: set[Future] = {pool.submit(_run_unit, settings, unit) for unit in todo}
             try:
                 while pending:

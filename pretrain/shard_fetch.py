@@ -42,6 +42,10 @@ STALE_SECONDS = 60.0
 WAIT_SECONDS = 3600.0
 POLL_SECONDS = 0.2
 FETCH_WORKERS = 4
+# The fetcher keeps the shards of this many blocks beyond the one being read local, and no more: a block lasts at
+# least two shards' worth of samples, far longer than fetching its shards, and a fetch of the whole remaining bucket
+# would compete with the first steps for the CPU and the network (bench/bench_new_vm.py).
+AHEAD_BLOCKS = 1
 HEADER_WORKERS = 16
 RANGE_CHUNK_BYTES = 64 * 1024
 HEAD_BYTES = 4096  # zip local header + .npy header of a numpy.savez shard, with room to spare
@@ -59,15 +63,19 @@ class ReadyGate:
     A shard is ready when its marker matches the file's current size and mtime and its recorded id range fits
     vocab_size. wait_ready() blocks until then, and ends with a one-line error when the fetcher reports a
     failure, when its heartbeat goes stale, when it finished without the shard, or after wait_seconds.
+    With reports_progress, wait_ready() also records the block being read (one small file per process, written
+    when a shard is opened in a later block), which moves the fetcher's window.
     """
 
     def __init__(self, data_dir: Path, run_token: str, vocab_size: int, wait_seconds: float = WAIT_SECONDS,
-                 stale_seconds: float = STALE_SECONDS):
+                 stale_seconds: float = STALE_SECONDS, reports_progress: bool = True):
         self.data_dir = Path(data_dir)
         self.run_token = run_token
         self.vocab_size = vocab_size
         self.wait_seconds = wait_seconds
         self.stale_seconds = stale_seconds
+        self.reports_progress = reports_progress
+        self._reported = (os.getpid(), -1)
 
     @property
     def checked_dir(self) -> Path:
@@ -99,7 +107,27 @@ class ReadyGate:
         except OSError:
             return None
 
-    def wait_ready(self, rel_path: str) -> None:
+    def reached_block(self) -> int | None:
+        """The furthest block any reader of this run on this node has reported, or None before any report."""
+        reached = None
+        for path in self.checked_dir.glob(f"run-{self.run_token}.reading-*"):
+            try:
+                block = int(path.read_text())
+            except (OSError, ValueError):
+                continue  # its process is rewriting it (atomically) or has just removed it
+            reached = block if reached is None else max(reached, block)
+        return reached
+
+    def _report(self, block: int) -> None:
+        pid, reported = self._reported
+        if pid == os.getpid() and block <= reported:
+            return
+        _write_atomically(self.status_path(f"reading-{os.getpid()}"), str(block))
+        self._reported = (os.getpid(), block)
+
+    def wait_ready(self, rel_path: str, block: int | None = None) -> None:
+        if self.reports_progress and block is not None:
+            self._report(block)
         if self.is_ready(rel_path):
             return
         began = time.monotonic()
@@ -140,19 +168,26 @@ class ReadyGate:
 class ShardFetcher:
     """Makes shards local and validated, in the order given: download when missing or damaged (with a bucket),
     check size, header and token ids, then write the marker the gate reads. One per node (its local main).
+
+    In the background it keeps a window: a shard is taken once the readers (as the gate reports them) are within
+    ahead_blocks blocks of the one where the order first needs it, so the fetch of a large bucket trickles along
+    with training instead of competing with its first steps, and a disk holds what the next blocks need early.
     """
 
     def __init__(self, gate: ReadyGate, seq_len: int, storage: Storage | None = None,
-                 remote: dict[str, ObjectInfo] | None = None, workers: int = FETCH_WORKERS):
+                 remote: dict[str, ObjectInfo] | None = None, workers: int = FETCH_WORKERS,
+                 ahead_blocks: int = AHEAD_BLOCKS):
         self.gate = gate
         self.seq_len = seq_len
         self.storage = storage
         self.remote = remote or {}
         self.workers = workers
+        self.ahead_blocks = ahead_blocks
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.made_ready: list[str] = []  # in completion order; tests count downloads by it
         self.downloaded: list[str] = []
+        self.waiting_for_readers = threading.Event()  # set while every shard within the window is taken
 
     def ensure(self, shards: Iterable[ShardInfo]) -> None:
         """Blocking, on the calling thread: every given shard ready or a one-line error naming the first bad one."""
@@ -161,13 +196,15 @@ class ShardFetcher:
             for future in [pool.submit(self._make_ready, shard) for shard in shards]:
                 future.result()
 
-    def start(self, shards: Iterable[ShardInfo]) -> None:
-        """Fetch the rest in the background, in the given order, self.workers at a time."""
-        shards = list(shards)
+    def start(self, schedule: Iterable[tuple[ShardInfo, int]], start_block: int) -> None:
+        """Fetch in the background, self.workers at a time, each (shard, block where first needed) of the schedule
+        (in need order) once the readers are within ahead_blocks of its block; start_block is where they begin."""
+        schedule = list(schedule)
         self.gate.checked_dir.mkdir(parents=True, exist_ok=True)
         _remove_old_status_files(self.gate.checked_dir)
         self._touch_heartbeat()
-        self._thread = threading.Thread(target=self._run, args=(shards,), name="shard-fetcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(schedule, start_block), name="shard-fetcher",
+                                        daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = CLOSE_WAIT_SECONDS) -> None:
@@ -175,22 +212,39 @@ class ShardFetcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        for kind in ("alive", "done"):
-            self.gate.status_path(kind).unlink(missing_ok=True)
+        for path in self.gate.checked_dir.glob(f"run-{self.gate.run_token}.*"):
+            if not path.name.endswith(".error"):
+                path.unlink(missing_ok=True)
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _run(self, shards: list[ShardInfo]) -> None:
-        pending = iter(shards)
+    def _run(self, schedule: list[tuple[ShardInfo, int]], start_block: int) -> None:
+        pending = list(reversed(schedule))
         lock = threading.Lock()
         errors: list[str] = []
+        in_flight = [0]
+
+        def take() -> ShardInfo | None:
+            """The next shard in need order once the readers are near enough; None when all are taken."""
+            while not self._stop.is_set() and not errors:
+                with lock:
+                    if not pending:
+                        return None
+                    reached = max(start_block, self.gate.reached_block() or start_block)
+                    if pending[-1][1] <= reached + self.ahead_blocks:
+                        self.waiting_for_readers.clear()
+                        in_flight[0] += 1
+                        return pending.pop()[0]
+                    if in_flight[0] == 0:
+                        self.waiting_for_readers.set()
+                time.sleep(POLL_SECONDS)
+            return None
 
         def work() -> None:
             while not self._stop.is_set() and not errors:
-                with lock:
-                    shard = next(pending, None)
+                shard = take()
                 if shard is None:
                     return
                 try:
@@ -198,6 +252,9 @@ class ShardFetcher:
                 except Exception as error:  # noqa: BLE001 - reported to every reader through the error file
                     errors.append(one_line(error))
                     self._stop.set()
+                finally:
+                    with lock:
+                        in_flight[0] -= 1
 
         # Daemon threads rather than a pool: a download in flight must not hold the interpreter at exit.
         threads = [threading.Thread(target=work, name=f"shard-fetch-{i}", daemon=True) for i in range(self.workers)]

@@ -48,7 +48,8 @@ def write_shards(folder: Path, count: int, samples: int = 5, first_id: int = 0) 
 def config(data_dir: Path, bucket: str = "", **changes) -> SimpleNamespace:
     fields = dict(data_dir=str(data_dir), data_bucket=bucket, max_files=0, seq_len=SEQ_LEN, seed=7, eval_shards=2,
                   model=SimpleNamespace(vocab_size=VOCAB), generate_sample_data=False, gcs_credentials="",
-                  gcp_project="", s3_endpoint_url="", storage_max_retries=1, storage_retry_backoff_seconds=0.1)
+                  gcp_project="", s3_endpoint_url="", storage_max_retries=1, storage_retry_backoff_seconds=0.1,
+                  block_chunks=MIX, shard_chunks=1)
     fields.update(changes)
     return SimpleNamespace(**fields)
 
@@ -82,7 +83,6 @@ def bucket(tmp_path, monkeypatch) -> Bucket:
     write_shards(root, NUM_SHARDS)
     storage = HeldStorage(root.as_uri(), None)
     monkeypatch.setattr(dataset_module, "open_storage", lambda url, options: storage)
-    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=MIX, shard_chunks=1))
     return Bucket(root.as_uri(), storage)
 
 
@@ -112,7 +112,7 @@ def test_fresh_run_starts_after_the_first_block_and_fetches_the_rest_in_need_ord
         assert len(first_samples) == 20
 
         bucket.storage.release.set()
-        far = 3 * training.samples_per_epoch // 4  # a late block: the reader waits for the fetcher, then reads
+        far = training.samples_per_epoch - 1  # the last block: the reader waits for the fetcher, then reads
         shard, within = order.locate(far)
         expected = np.load(bucket.storage.root / training.frozen.train[shard].path)["input_ids"].reshape(-1)
         np.testing.assert_array_equal(training.train[far].numpy(), expected[within * SEQ_LEN:(within + 1) * SEQ_LEN])
@@ -130,9 +130,50 @@ def test_fresh_run_starts_after_the_first_block_and_fetches_the_rest_in_need_ord
         training.close()
 
 
+def test_background_fetch_keeps_one_block_ahead_of_the_readers_in_this_and_in_worker_processes(tmp_path, bucket):
+    data_dir = tmp_path / "data"
+    training = prepare_training_data(config(data_dir, bucket.url), ONE_PROCESS, None)
+    try:
+        order, fetcher = training.train.order, training._fetcher
+        schedule = order.need_schedule(0)
+        at_start = {training.frozen.train[p].path for p in order.block_shards(0)} | {s.path for s in training.frozen.eval}
+
+        def fetched_once_idle(reached: int) -> bool:
+            expected = at_start | {training.frozen.train[p].path for p, block in schedule
+                                   if block <= reached + shard_fetch.AHEAD_BLOCKS}
+            return fetcher.waiting_for_readers.is_set() and local_npz(data_dir) == expected
+
+        wait_until(lambda: fetched_once_idle(0))
+        assert len(local_npz(data_dir)) < NUM_SHARDS, "the window covered the whole bucket: nothing shown"
+        first_of_block = {order.block_ordinal(i): i for i in reversed(range(training.samples_per_epoch))}
+        training.train[first_of_block[3]]  # a reader in this process jumps to block 3
+        wait_until(lambda: fetched_once_idle(3))
+        loader = make_train_loader(training.train, first_of_block[6], 4, 0, 1, num_workers=1)
+        next(iter(loader))  # a DataLoader worker (another process) reads block 6
+        wait_until(lambda: fetched_once_idle(6))
+    finally:
+        training.close()
+
+
+def test_order_flags_shape_a_fresh_run_and_a_resumed_run_keeps_its_frozen_order(tmp_path, caplog):
+    data_dir = tmp_path / "data"
+    write_shards(data_dir, 12)
+    first = prepare_training_data(config(data_dir, block_chunks=3, shard_chunks=2), ONE_PROCESS, None)
+    first.close()
+    assert first.frozen.order == OrderSpec(mix_shards=3, shard_chunks=2)
+    assert "blocks of 3 chunks, 2 per shard" in first.describe()
+    frozen = FrozenShards.from_json(json.loads(json.dumps(first.frozen.to_json())))
+    resumed = prepare_training_data(config(data_dir, block_chunks=5, shard_chunks=4), ONE_PROCESS, frozen, 17)
+    resumed.close()
+    assert resumed.frozen.order == first.frozen.order
+    assert [resumed.train.order.locate(i) for i in range(60)] == [first.train.order.locate(i) for i in range(60)]
+    assert "keeps the sample order frozen in its checkpoint (blocks of 3 chunks, 2 per shard)" in caplog.text
+
+
 def test_resume_on_an_empty_disk_fetches_the_frozen_shards_and_reads_the_same_samples(tmp_path, bucket):
     first_vm = prepare_training_data(config(tmp_path / "vm1", bucket.url), ONE_PROCESS, None)
     frozen = FrozenShards.from_json(json.loads(json.dumps(first_vm.frozen.to_json())))
+    first_vm.train[first_vm.samples_per_epoch - 1]  # a reader in the last block: the window covers every shard
     wait_until(lambda: len(local_npz(tmp_path / "vm1")) == NUM_SHARDS)
     k = first_vm.samples_per_epoch // 2 + 3
     reference = [first_vm.train[k + i] for i in range(40)]
@@ -144,6 +185,7 @@ def test_resume_on_an_empty_disk_fetches_the_frozen_shards_and_reads_the_same_sa
         assert second_vm.frozen == frozen
         batches = itertools.islice(make_train_loader(second_vm.train, k, 4, 0, 1, num_workers=0), 10)
         assert torch.equal(torch.cat(list(batches)), torch.stack(reference))
+        second_vm.train[2 * second_vm.samples_per_epoch - 1]  # the last shard of the schedule is in epoch 1
         wait_until(lambda: local_npz(tmp_path / "vm2") == {s.path for s in frozen.all})
         # The shards of the resumed block came first.
         block = {frozen.train[p].path for p in second_vm.train.order.block_shards(k)}
@@ -176,8 +218,7 @@ def test_resume_without_bucket_or_local_shard_names_it(tmp_path):
 def test_a_bad_shard_late_in_the_order_does_not_delay_start_and_fails_its_reader(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     write_shards(data_dir, 12)
-    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2, shard_chunks=1))
-    frozen = dataset_module.freeze_shards(config(data_dir, eval_shards=1))
+    frozen = dataset_module.freeze_shards(config(data_dir, eval_shards=1, block_chunks=2))
     order = SampleOrder(list(frozen.train), SEQ_LEN, 7, mix_shards=2, shard_chunks=1)
     bad = frozen.train[order.shards_in_need_order(0)[-1]]  # the last shard the order needs
     original = np.load(data_dir / bad.path)["input_ids"]
@@ -185,9 +226,10 @@ def test_a_bad_shard_late_in_the_order_does_not_delay_start_and_fails_its_reader
     scanned, scanned_at_start = [], []
     real_range, real_start = shard_fetch.token_id_range, ShardFetcher.start
     monkeypatch.setattr(shard_fetch, "token_id_range", lambda p, h: scanned.append(p) or real_range(p, h))
-    monkeypatch.setattr(ShardFetcher, "start", lambda self, rest: scanned_at_start.extend(scanned) or real_start(self, rest))
+    monkeypatch.setattr(ShardFetcher, "start",
+                        lambda self, *args: scanned_at_start.extend(scanned) or real_start(self, *args))
 
-    training = prepare_training_data(config(data_dir, eval_shards=1), ONE_PROCESS, None)
+    training = prepare_training_data(config(data_dir, eval_shards=1, block_chunks=2), ONE_PROCESS, None)
     try:
         assert training.frozen == frozen
         assert len(scanned_at_start) == 2 + 1, "start-up read more than the first block and the eval shard"
@@ -223,7 +265,6 @@ def test_a_waiting_reader_learns_the_fetcher_died(tmp_path):
 def test_a_fetcher_that_dies_fails_readers_in_dataloader_workers(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     write_shards(data_dir, 12)
-    monkeypatch.setattr(dataset_module, "DEFAULT_ORDER", OrderSpec(mix_shards=2, shard_chunks=1))
     real_make_ready = ShardFetcher._make_ready
     background = threading.Event()
 
@@ -234,8 +275,8 @@ def test_a_fetcher_that_dies_fails_readers_in_dataloader_workers(tmp_path, monke
 
     monkeypatch.setattr(ShardFetcher, "_make_ready", dying)
     real_start = ShardFetcher.start
-    monkeypatch.setattr(ShardFetcher, "start", lambda self, shards: background.set() or real_start(self, shards))
-    training = prepare_training_data(config(data_dir, eval_shards=1), ONE_PROCESS, None)
+    monkeypatch.setattr(ShardFetcher, "start", lambda self, *args: background.set() or real_start(self, *args))
+    training = prepare_training_data(config(data_dir, eval_shards=1, block_chunks=2), ONE_PROCESS, None)
     try:
         loader = iter(make_train_loader(training.train, 0, 4, 0, 1, num_workers=1))
         began = time.monotonic()
