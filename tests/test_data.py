@@ -81,7 +81,7 @@ def take_samples(loader, count: int) -> list[torch.Tensor]:
     raise AssertionError("loader ended")
 
 
-@pytest.mark.parametrize("mix_shards, shard_chunks", [(1, 1), (2, 1), (3, 1), (2, 3), (4, 8), (16, 8)])
+@pytest.mark.parametrize("mix_shards, shard_chunks", [(1, 1), (2, 1), (3, 1), (2, 3), (4, 8), (16, 8), (16, 32)])
 def test_every_sample_appears_once_per_epoch(mix_shards, shard_chunks):
     shards = synthetic_shards([5, 1, 0, 12, 7, 3, 9])
     order = SampleOrder(shards, SEQ_LEN, SEED, mix_shards, shard_chunks)
@@ -113,7 +113,7 @@ def test_whole_shard_blocks_move_through_mix_shards_at_a_time(mix_shards):
             assert len(set(positions[visits[0] : visits[-1] + 1])) <= mix_shards
 
 
-@pytest.mark.parametrize("mix_shards, shard_chunks", [(2, 3), (4, 8), (16, 8)])
+@pytest.mark.parametrize("mix_shards, shard_chunks", [(2, 3), (4, 8), (16, 8), (16, 32)])
 def test_chunked_blocks_touch_at_most_mix_shards_shards_and_sweep_the_corpus(mix_shards, shard_chunks):
     shards = synthetic_shards([40, 33, 57, 48, 21, 64, 39, 45, 50, 30] * 4)
     order = SampleOrder(shards, SEQ_LEN, SEED, mix_shards, shard_chunks)
@@ -137,6 +137,15 @@ def test_legacy_order_is_the_order_runs_started_with_before_order_specs():
     locations = [order.locate(i) for i in range(3 * order.samples_per_epoch)]
     digest = hashlib.sha256(repr(locations).encode()).hexdigest()
     assert digest == "96656fd2e3bfec8f29f0ac5d9d6ab8ed08acd21a96deeeef2879fe35245b6c2a"
+
+
+def test_order_of_runs_started_with_16_chunk_blocks_of_8_chunk_shards_is_pinned():
+    # Runs started since commit d91e566 froze OrderSpec(1, 16, 8); their checkpoints must keep reading this order.
+    shards = [ShardInfo(f"s{i}.npz", n * 8, 0) for i, n in enumerate([5, 1, 0, 12, 7, 3, 9, 30, 2, 2, 11, 40, 64, 17])]
+    order = SampleOrder(shards, 8, 1234, mix_shards=16, shard_chunks=8)
+    locations = [order.locate(i) for i in range(3 * order.samples_per_epoch)]
+    digest = hashlib.sha256(repr(locations).encode()).hexdigest()
+    assert digest == "57e80e57202aca23ed87465317eb1e0610e9872d51f409cd5b7dc5ae6a352a33"
 
 
 def test_locating_far_past_costs_one_permutation(monkeypatch):

@@ -19,7 +19,8 @@ import torch
 
 import pretrain.dataset as dataset_module
 import pretrain.shard_fetch as shard_fetch
-from pretrain.data import LEGACY_ORDER, MIX_SHARDS, OrderSpec, SampleOrder, make_train_loader
+from configs import TrainingConfig
+from pretrain.data import LEGACY_ORDER, MIX_SHARDS, SHARD_CHUNKS, OrderSpec, SampleOrder, make_train_loader
 from pretrain.dataset import DATASET_MANIFEST, FrozenShards, prepare_training_data
 from pretrain.shard_fetch import FetchFailed, RangeFile, ReadyGate, ShardFetcher, inspect_remote_shards
 from pretrain.shards import ShardError, ShardInfo, array_header_from_head, read_array_header
@@ -340,7 +341,8 @@ def test_frozen_shards_round_trip_and_old_checkpoints_keep_their_order():
     assert FrozenShards.from_json(json.loads(json.dumps(frozen.to_json()))) == frozen
     old = {"train": [{"path": "a.npz", "num_tokens": 80, "size_bytes": 900}], "eval": []}
     assert FrozenShards.from_json(old).order == LEGACY_ORDER == OrderSpec(version=1, mix_shards=2, shard_chunks=1)
-    assert OrderSpec().mix_shards == MIX_SHARDS
+    assert OrderSpec().mix_shards == MIX_SHARDS == TrainingConfig().block_chunks
+    assert OrderSpec().shard_chunks == SHARD_CHUNKS == TrainingConfig().shard_chunks
     with pytest.raises(ValueError, match=r"^sample order version 9 is unknown to this code \(it knows \[1\]\)"):
         FrozenShards.from_json({**frozen.to_json(), "order": {"version": 9, "mix_shards": 8}})
 
