@@ -42,13 +42,14 @@ __all__ = [
     "make_eval_batches",
 ]
 
-# Chunks per block and chunks per shard of the order. Each shard is cut into SHARD_CHUNKS consecutive chunks; a
-# block mixes MIX_SHARDS random chunks (from up to as many shards), so every batch draws from 16 places of the
-# corpus and the blocks, each about two shards' worth of samples, sweep the whole corpus 8 times per epoch even when
-# each shard holds one stretch of it (bench/bench_shuffle.py: eval loss +0.012 and +0.035 nats against one fully
-# shuffled shard on two seeds, +0.243 for blocks of two whole shards). The costs: the first step needs up to 16 shards local,
-# each reader keeps up to 16 open (compressed ones decompressed in RAM, 8 times per epoch), and the fetcher must
-# bring every shard within about the first eighth of the first epoch (downloads outpace training by far).
+# Chunks per block and chunks per shard of the order (the defaults of --block-chunks and --shard-chunks). Each shard
+# is cut into SHARD_CHUNKS consecutive chunks; a block mixes MIX_SHARDS random chunks (from up to as many shards), so
+# every batch draws from 16 places of the corpus and the blocks, each about two shards' worth of samples, sweep the
+# whole corpus 8 times per epoch even when each shard holds one stretch of it (bench/bench_shuffle.py, 5 seeds: eval
+# loss +0.042 nats against one fully shuffled shard, +0.243 (one seed) for blocks of two whole shards; 32 per shard did
+# no better). The costs: the first step needs up to 16 shards local, each reader keeps up to 16 open (compressed ones
+# decompressed in RAM, 8 times per epoch), and the fetcher brings every shard within about the first eighth of the
+# first epoch.
 MIX_SHARDS = 16
 SHARD_CHUNKS = 8
 LEGACY_MIX_SHARDS = 2  # the order of runs whose checkpoints predate OrderSpec: blocks of two whole shards
