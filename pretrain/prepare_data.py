@@ -45,8 +45,8 @@ DEFAULT_SHARD_TOKENS = 1 << 26
 DEFAULT_BUCKET_TOKENS = 1 << 25
 # A worker process per this many cores, each running the tokenizers library's threads on its share: the library's
 # batch encoding scales over threads by itself, and a process costs its start-up and imports (on 2 cores one process
-# was 0.83x of bare encode_batch against 0.75x for two; bench/bench_prepare.py), while the per-token Python work
-# (ids to arrays, sorting, writing parts) needs more than one process on a large machine.
+# was 0.90x of bare encode_batch against 0.88x for two single-threaded ones; bench/bench_prepare.py), while the
+# per-token Python work (ids to arrays, sorting, writing parts) needs more than one process on a large machine.
 CORES_PER_WORKER = 4
 DEFAULT_SAMPLE_BYTES = 1 << 28
 # Input bytes per work unit: small enough to spread a few large files over every core and to lose little work
