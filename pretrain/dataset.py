@@ -101,11 +101,11 @@ def prepare_training_data(config, accelerator, frozen: FrozenShards | None, star
     eval_gate = ReadyGate(data_dir, run_token, config.model.vocab_size, reports_progress=False)
     evaluation = (TokenSamples(data_dir, list(frozen.eval), config.seq_len, config.seed, gate=eval_gate, **order)
                   if frozen.eval else None)
+    # The shards first needed in the block training starts in are made ready before step 1; the rest follow.
     schedule = train.order.need_schedule(start_sample)
-    first_block = set(train.order.block_shards(start_sample))
-    first = [frozen.train[p] for p, _ in schedule if p in first_block] + list(frozen.eval)
-    rest = [(frozen.train[p], block) for p, block in schedule if p not in first_block]
     start_block = train.order.block_ordinal(start_sample)
+    first = [frozen.train[p] for p, block in schedule if block == start_block] + list(frozen.eval)
+    rest = [(frozen.train[p], block) for p, block in schedule if block != start_block]
     fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest, start_block))
     try:
         tokenizer_dir = on_main(accelerator, lambda: find_tokenizer(config))

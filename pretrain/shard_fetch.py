@@ -108,15 +108,14 @@ class ReadyGate:
         except OSError:
             return None
 
-    def reached_block(self) -> int | None:
-        """The furthest block any reader of this run on this node has reported, or None before any report."""
-        reached = None
+    def reached_block(self) -> int:
+        """The furthest block any reader of this run on this node has reported, or -1 before any report."""
+        reached = -1
         for path in self.checked_dir.glob(f"run-{self.run_token}.reading-*"):
             try:
-                block = int(path.read_text())
+                reached = max(reached, int(path.read_text()))
             except (OSError, ValueError):
                 continue  # its process is rewriting it (atomically) or has just removed it
-            reached = block if reached is None else max(reached, block)
         return reached
 
     def _report(self, block: int) -> None:
@@ -225,25 +224,27 @@ class ShardFetcher:
         pending = list(reversed(schedule))
         lock = threading.Lock()
         errors: list[str] = []
-        in_flight = [0]
+        in_flight = 0
 
         def take() -> ShardInfo | None:
             """The next shard in need order once the readers are near enough; None when all are taken."""
+            nonlocal in_flight
             while not self._stop.is_set() and not errors:
                 with lock:
                     if not pending:
                         return None
-                    reached = max(start_block, self.gate.reached_block() or start_block)
+                    reached = max(start_block, self.gate.reached_block())
                     if pending[-1][1] <= reached + self.ahead_blocks:
                         self.waiting_for_readers.clear()
-                        in_flight[0] += 1
+                        in_flight += 1
                         return pending.pop()[0]
-                    if in_flight[0] == 0:
+                    if in_flight == 0:
                         self.waiting_for_readers.set()
                 time.sleep(POLL_SECONDS)
             return None
 
         def work() -> None:
+            nonlocal in_flight
             while not self._stop.is_set() and not errors:
                 shard = take()
                 if shard is None:
@@ -255,7 +256,7 @@ class ShardFetcher:
                     self._stop.set()
                 finally:
                     with lock:
-                        in_flight[0] -= 1
+                        in_flight -= 1
 
         # Daemon threads rather than a pool: a download in flight must not hold the interpreter at exit.
         threads = [threading.Thread(target=work, name=f"shard-fetch-{i}", daemon=True) for i in range(self.workers)]
