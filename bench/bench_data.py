@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from pretrain.data import TokenSamples, make_train_loader
+from pretrain.data import MIX_SHARDS, SHARD_CHUNKS, TokenSamples, make_train_loader
 from pretrain.dataset import prepare_training_data
 from pretrain.shards import discover_shards, inspect_shards
 
@@ -123,6 +123,8 @@ def new_vm_config(bucket: Path, data_dir: Path) -> SimpleNamespace:
         data_dir=str(data_dir), data_bucket=bucket.as_uri(), max_files=0, seq_len=RSS_SEQ_LEN, seed=0, eval_shards=1,
         model=SimpleNamespace(vocab_size=VOCAB), generate_sample_data=False, gcs_credentials="", gcp_project="",
         s3_endpoint_url="", storage_max_retries=1, storage_retry_backoff_seconds=0.1,
+        block_chunks=MIX_SHARDS, shard_chunks=SHARD_CHUNKS, per_device_train_batch_size=RSS_BATCH,
+        gradient_accumulation_steps=1,
     )
 
 

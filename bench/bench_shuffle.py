@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--text-bytes", type=int, default=300_000, help="size of the text corpus")
     parser.add_argument("--shards", type=int, default=32, help="shards of the corpus-order dataset")
     parser.add_argument("--epochs", type=float, default=1.5)
-    parser.add_argument("--seeds", default="7,42,1",
+    parser.add_argument("--seeds", default="7,42,1,2,3,4,5",
                         help="comma-separated training seeds; each changes the init and every order, and the "
                              "figure is the mean difference over them (one seed's is noisy)")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temp folder)")

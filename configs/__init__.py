@@ -50,9 +50,10 @@ class TrainingConfig:
     seq_len: int = 1024
     eval_shards: int = 1  # the last N shards are held out for evaluation
     # The sample order (fresh runs; a resumed run keeps the order frozen in its checkpoint): each shard is cut into
-    # shard_chunks chunks, and each block of the order mixes block_chunks random chunks. More block_chunks mixes
-    # more of the corpus into every batch, but the first step needs that many shards local.
-    block_chunks: int = 16
+    # shard_chunks chunks, and each block of the order mixes block_chunks random chunks. Keep block_chunks several
+    # times the global batch (in samples) when shards hold one stretch of the corpus each; each reader keeps up to
+    # block_chunks + 2 shards open.
+    block_chunks: int = 64
     shard_chunks: int = 8
     eval_steps: int = 0  # evaluate every N optimizer steps; 0: only at the end
     eval_batches: int = 8  # micro-batches per evaluation

@@ -43,14 +43,16 @@ __all__ = [
 ]
 
 # Chunks per block and chunks per shard of the order (the defaults of --block-chunks and --shard-chunks). Each shard
-# is cut into SHARD_CHUNKS consecutive chunks; a block mixes MIX_SHARDS random chunks (from up to as many shards), so
-# every batch draws from 16 places of the corpus and the blocks, each about two shards' worth of samples, sweep the
-# whole corpus 8 times per epoch even when each shard holds one stretch of it (bench/bench_shuffle.py, 5 seeds: eval
-# loss +0.042 nats against one fully shuffled shard, +0.243 (one seed) for blocks of two whole shards; 32 per shard did
-# no better). The costs: the first step needs up to 16 shards local, each reader keeps up to 16 open (compressed ones
-# decompressed in RAM, 8 times per epoch), and the fetcher brings every shard within about the first eighth of the
-# first epoch.
-MIX_SHARDS = 16
+# is cut into SHARD_CHUNKS consecutive chunks; a block mixes MIX_SHARDS random chunks (from up to as many shards), and
+# the blocks, each about eight shards' worth of samples, sweep the whole corpus 8 times per epoch even when each shard
+# holds one stretch of it. A block needs several times more chunks than a global batch has samples, or batches keep
+# drawing two samples from one place of the corpus: bench/bench_shuffle.py (32 corpus-order shards, 16-sample
+# batches) against one fully shuffled shard, eval loss +0.042 nats with 16 chunks per block (5 seeds), +0.003 with 64
+# (7 seeds; standard error 0.010), and 64 was better than 16 on each of the 5 seeds both ran. The costs: each reader
+# keeps up to 66 shards open (memory maps; compressed shards are decompressed in RAM), the fetcher brings every shard
+# within about the first eighth of the first epoch, and step 1 waits only for the shards its own samples read
+# (need_schedule is exact in the block training starts in), so a wide block does not delay a new VM's first step.
+MIX_SHARDS = 64
 SHARD_CHUNKS = 8
 LEGACY_MIX_SHARDS = 2  # the order of runs whose checkpoints predate OrderSpec: blocks of two whole shards
 ORDER_VERSIONS = (1,)
@@ -107,9 +109,9 @@ class SampleOrder:
     permutation (O(samples in the block), cached for a few blocks). Nothing depends on how many samples came
     before, so resuming at sample 10**8 costs what resuming at 10 does.
 
-    Why blocks rather than one global shuffle: a reader touches at most mix_shards shards at a time, so an LRU of a
-    few open shards per worker suffices, memory stays flat, and a new VM can start once one block's shards are
-    local. Chunking is what makes that mix well: a block holds pieces of mix_shards random places in the corpus
+    Why blocks rather than one global shuffle: a reader touches at most mix_shards shards at a time, so an LRU of
+    that many open shards per worker suffices, memory stays flat, a new VM can start once the first step's shards
+    are local, and the rest arrive block by block rather than all at once. Chunking is what makes that mix well: a block holds pieces of mix_shards random places in the corpus
     rather than a few whole shards, so shards written in corpus order (one topic each) still give diverse batches,
     and the whole corpus is swept shard_chunks times per epoch. With shard_chunks 1 this is the original order
     (blocks of whole shards), which LEGACY_ORDER keeps for old runs.
@@ -169,18 +171,36 @@ class SampleOrder:
         return [position for position, _ in self.need_schedule(global_index)]
 
     def need_schedule(self, global_index: int) -> list[tuple[int, int]]:
-        """shards_in_need_order with the block ordinal (see block_ordinal) at which each shard is first needed."""
-        epoch, block = self._block_of(global_index)[:2]
+        """shards_in_need_order with the block ordinal (see block_ordinal) at which each shard is first needed.
+
+        Within the block holding global_index the order is exact (the order in which samples from there on first
+        touch each shard), so a reader starting there waits only for what its first samples read; later blocks
+        list their shards in chunk order, which is exact enough for a fetcher that runs a block ahead. Costs one
+        pass over the start block's permutation, which the first read computes anyway."""
+        epoch, block, block_start, members = self._block_of(global_index)
+        index_in_epoch = global_index - epoch * self.samples_per_epoch
+        still_ahead = self._block_permutation(epoch, block, members)[index_in_epoch - block_start :]
+        member_of = np.searchsorted(np.cumsum(self._chunk_samples(members)), still_ahead, side="right")
+        touched = members[member_of] // self.shard_chunks
+        this_block = touched[np.sort(np.unique(touched, return_index=True)[1])]
         per_epoch = self.blocks_per_epoch
-        ahead = self._epoch_plan(epoch)[0][block * self.mix_shards :]
+        later = self._epoch_plan(epoch)[0][(block + 1) * self.mix_shards :]
         after = self._epoch_plan(epoch + 1)[0]
-        shards = np.concatenate([ahead, after]) // self.shard_chunks
-        ordinals = np.concatenate([epoch * per_epoch + block + np.arange(len(ahead)) // self.mix_shards,
+        chunks = np.concatenate([later, after])
+        ordinals = np.concatenate([epoch * per_epoch + block + 1 + np.arange(len(later)) // self.mix_shards,
                                    (epoch + 1) * per_epoch + np.arange(len(after)) // self.mix_shards])
+        read = self._chunk_samples(chunks) > 0  # a shard with fewer samples than chunks has empty ones
+        shards = np.concatenate([this_block, chunks[read] // self.shard_chunks])
+        ordinals = np.concatenate([np.full(len(this_block), epoch * per_epoch + block), ordinals[read]])
         first_need: dict[int, int] = {}
         for position, ordinal in zip(shards.tolist(), ordinals.tolist()):
             first_need.setdefault(position, ordinal)
         return list(first_need.items())
+
+    def shards_read_by(self, global_index: int, count: int) -> list[int]:
+        """Positions of the shards that samples [global_index, global_index + count) read, in first-use order:
+        what one optimizer step starting at global_index needs local."""
+        return list(dict.fromkeys(self.locate(index)[0] for index in range(global_index, global_index + count)))
 
     @property
     def blocks_per_epoch(self) -> int:

@@ -101,11 +101,14 @@ def prepare_training_data(config, accelerator, frozen: FrozenShards | None, star
     eval_gate = ReadyGate(data_dir, run_token, config.model.vocab_size, reports_progress=False)
     evaluation = (TokenSamples(data_dir, list(frozen.eval), config.seq_len, config.seed, gate=eval_gate, **order)
                   if frozen.eval else None)
-    # The shards first needed in the block training starts in are made ready before step 1; the rest follow.
-    schedule = train.order.need_schedule(start_sample)
+    # The shards the first optimizer step reads are made ready before it; the rest follow in the order reads first
+    # touch them (exact within the start block), so a wide block does not make step 1 wait for all of its shards.
+    step_samples = config.per_device_train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    first_positions = train.order.shards_read_by(start_sample, step_samples)  # a few hundred at most
+    first = [frozen.train[p] for p in first_positions] + list(frozen.eval)
+    rest = [(frozen.train[p], block) for p, block in train.order.need_schedule(start_sample)
+            if p not in first_positions]
     start_block = train.order.block_ordinal(start_sample)
-    first = [frozen.train[p] for p, block in schedule if block == start_block] + list(frozen.eval)
-    rest = [(frozen.train[p], block) for p, block in schedule if block != start_block]
     fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest, start_block))
     try:
         tokenizer_dir = on_main(accelerator, lambda: find_tokenizer(config))

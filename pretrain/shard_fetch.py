@@ -43,7 +43,7 @@ WAIT_SECONDS = 3600.0
 POLL_SECONDS = 0.2
 FETCH_WORKERS = 4
 # The fetcher keeps the shards of this many blocks beyond the one being read local, and no more: a block lasts about
-# block_chunks / shard_chunks shards' worth of samples (two by default), far longer than fetching its shards, and a
+# block_chunks / shard_chunks shards' worth of samples (eight by default), far longer than fetching its shards, and a
 # fetch of the whole remaining bucket would compete with the first steps for the CPU and the network
 # (bench/bench_new_vm.py: resume at 10x data 1.36 -> 0.97 of the small bucket's launch-to-first-step).
 AHEAD_BLOCKS = 1

@@ -148,6 +148,25 @@ def test_order_of_runs_started_with_16_chunk_blocks_of_8_chunk_shards_is_pinned(
     assert digest == "57e80e57202aca23ed87465317eb1e0610e9872d51f409cd5b7dc5ae6a352a33"
 
 
+@pytest.mark.parametrize("trial", range(40))
+def test_need_schedule_matches_a_scan_of_the_order_and_is_exact_in_the_start_block(trial):
+    rng = np.random.default_rng(trial)
+    shards = synthetic_shards([int(n) for n in rng.integers(0, 20, size=rng.integers(1, 12))] + [3])
+    order = SampleOrder(shards, SEQ_LEN, trial, mix_shards=int(rng.integers(1, 7)), shard_chunks=int(rng.integers(1, 5)))
+    start = int(rng.integers(0, 2 * order.samples_per_epoch))
+    first_read: dict[int, tuple[int, int]] = {}  # shard -> (first index read from start on, its block ordinal)
+    for index in range(start, (order.epoch_of(start) + 2) * order.samples_per_epoch):
+        first_read.setdefault(order.locate(index)[0], (index, order.block_ordinal(index)))
+    schedule = order.need_schedule(start)
+
+    assert dict(schedule) == {shard: block for shard, (_, block) in first_read.items()}
+    in_start_block = [shard for shard, (_, block) in sorted(first_read.items(), key=lambda kv: kv[1][0])
+                      if block == order.block_ordinal(start)]
+    assert [shard for shard, _ in schedule[: len(in_start_block)]] == in_start_block  # exact first-use order
+    count = int(rng.integers(1, 40))
+    assert order.shards_read_by(start, count) == list(dict.fromkeys(order.locate(i)[0] for i in range(start, start + count)))
+
+
 def test_locating_far_past_costs_one_permutation(monkeypatch):
     order = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED, mix_shards=2)
     expected = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED, mix_shards=2).locate(10**15 + 17)

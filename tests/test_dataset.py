@@ -31,6 +31,7 @@ SEQ_LEN = 8
 VOCAB = 1000
 NUM_SHARDS = 40
 MIX = 4  # a small window, so 40 shards make ten blocks
+STEP_SAMPLES = 4  # samples per optimizer step
 ONE_PROCESS = SimpleNamespace(is_main_process=True, is_local_main_process=True, num_processes=1)
 
 
@@ -50,7 +51,8 @@ def config(data_dir: Path, bucket: str = "", **changes) -> SimpleNamespace:
     fields = dict(data_dir=str(data_dir), data_bucket=bucket, max_files=0, seq_len=SEQ_LEN, seed=7, eval_shards=2,
                   model=SimpleNamespace(vocab_size=VOCAB), generate_sample_data=False, gcs_credentials="",
                   gcp_project="", s3_endpoint_url="", storage_max_retries=1, storage_retry_backoff_seconds=0.1,
-                  block_chunks=MIX, shard_chunks=1)
+                  block_chunks=MIX, shard_chunks=1, per_device_train_batch_size=STEP_SAMPLES,
+                  gradient_accumulation_steps=1)
     fields.update(changes)
     return SimpleNamespace(**fields)
 
@@ -98,19 +100,20 @@ def wait_until(condition, seconds: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_fresh_run_starts_after_the_first_block_and_fetches_the_rest_in_need_order(tmp_path, bucket):
+def test_fresh_run_starts_after_the_first_steps_shards_and_fetches_the_rest_in_need_order(tmp_path, bucket):
     data_dir = tmp_path / "data"
     bucket.storage.hold.set()  # set-up may fetch only what it must; the background fetcher waits for release
-    training = prepare_training_data(config(data_dir, bucket.url), ONE_PROCESS, None)
+    training = prepare_training_data(config(data_dir, bucket.url, block_chunks=12), ONE_PROCESS, None)
     try:
         order = training.train.order
-        first_block = {training.frozen.train[p].path for p in order.block_shards(0)}
+        first_step = {training.frozen.train[p].path for p in order.shards_read_by(0, STEP_SAMPLES)}
         eval_paths = {s.path for s in training.frozen.eval}
-        assert len(first_block) == MIX and len(training.frozen.train) == NUM_SHARDS - 2
-        # Only the first block and the eval shards are local at return (downloads in flight are still partial).
-        assert local_npz(data_dir) == first_block | eval_paths
-        first_samples = [training.train[i] for i in range(20)]  # readable without waiting for anything else
-        assert len(first_samples) == 20
+        assert len(first_step) < len(order.block_shards(0)) == 12 and len(training.frozen.train) == NUM_SHARDS - 2
+        # Only the first step's shards and the eval shards are local at return (downloads in flight are partial),
+        # not the whole first block: a wide block costs step 1 nothing.
+        assert local_npz(data_dir) == first_step | eval_paths
+        first_samples = [training.train[i] for i in range(STEP_SAMPLES)]  # readable without waiting for anything else
+        assert len(first_samples) == STEP_SAMPLES
 
         bucket.storage.release.set()
         far = training.samples_per_epoch - 1  # the last block: the reader waits for the fetcher, then reads
@@ -118,14 +121,20 @@ def test_fresh_run_starts_after_the_first_block_and_fetches_the_rest_in_need_ord
         expected = np.load(bucket.storage.root / training.frozen.train[shard].path)["input_ids"].reshape(-1)
         np.testing.assert_array_equal(training.train[far].numpy(), expected[within * SEQ_LEN:(within + 1) * SEQ_LEN])
         wait_until(lambda: local_npz(data_dir) == {s.path for s in training.frozen.all})
-        need = [training.frozen.train[p].path for p in order.shards_in_need_order(0)]
-        expected_order = [p for p in need if p not in first_block]
-        background = [k for k in bucket.storage.downloads if k not in first_block | eval_paths]
+        # The rest in the order reads first touch them: exact within the first block, by block after it.
+        first_touch = list(dict.fromkeys(training.frozen.train[order.locate(i)[0]].path
+                                         for i in range(2 * training.samples_per_epoch)))
+        expected_order = [p for p in first_touch if p not in first_step]
+        background = [k for k in bucket.storage.downloads if k not in first_step | eval_paths]
         assert sorted(background) == sorted(expected_order)
+        in_first_block = len(order.block_shards(0)) - len(first_step)
         # Parallel downloads finish in any order, but none runs more than the pool's width ahead of its turn.
-        lateness = [abs(background.index(k) - i) for i, k in enumerate(expected_order)]
-        assert max(lateness) < shard_fetch.FETCH_WORKERS, "background fetch left the need order"
-        assert training.eval is not None and "order v1: blocks of 4 chunks, 1 per shard" in training.describe()
+        lateness = [abs(background.index(k) - i) for i, k in enumerate(expected_order[:in_first_block])]
+        assert max(lateness) < shard_fetch.FETCH_WORKERS, "background fetch left the first block's read order"
+        later = [k for k in background if k not in expected_order[:in_first_block]]
+        need = [training.frozen.train[p].path for p in order.shards_in_need_order(0)]
+        assert max(abs(later.index(k) - i) for i, k in enumerate(p for p in need if p in later)) < shard_fetch.FETCH_WORKERS
+        assert training.eval is not None and "order v1: blocks of 12 chunks, 1 per shard" in training.describe()
     finally:
         bucket.storage.release.set()
         training.close()
@@ -188,9 +197,10 @@ def test_resume_on_an_empty_disk_fetches_the_frozen_shards_and_reads_the_same_sa
         assert torch.equal(torch.cat(list(batches)), torch.stack(reference))
         second_vm.train[2 * second_vm.samples_per_epoch - 1]  # the last shard of the schedule is in epoch 1
         wait_until(lambda: local_npz(tmp_path / "vm2") == {s.path for s in frozen.all})
-        # The shards of the resumed block came first.
-        block = {frozen.train[p].path for p in second_vm.train.order.block_shards(k)}
-        assert set(bucket.storage.downloads[-NUM_SHARDS:][:MIX]) <= block | {s.path for s in frozen.eval}
+        # The shards of the resumed step came first, before anything else.
+        first = {frozen.train[p].path for p in second_vm.train.order.shards_read_by(k, STEP_SAMPLES)}
+        first |= {s.path for s in frozen.eval}
+        assert set(bucket.storage.downloads[-NUM_SHARDS:][:len(first)]) == first
     finally:
         second_vm.close()
 
