@@ -207,9 +207,18 @@ class SampleOrder:
         return -(-self.num_shards * self.shard_chunks // self.mix_shards)
 
     def block_ordinal(self, global_index: int) -> int:
-        """The block holding global_index, counted from the start of epoch 0: how far reading has got."""
+        """The block holding global_index, counted from the start of epoch 0."""
         epoch, block = self._block_of(global_index)[:2]
         return epoch * self.blocks_per_epoch + block
+
+    def progress_mark(self, global_index: int) -> int:
+        """How far reading has got, in half blocks: 2 * block_ordinal, plus 1 in the block's second half. A fetcher
+        that brings the next block's shards once reading is past the middle of this one has half a block of time
+        for them, and leaves the first steps alone."""
+        epoch, block, block_start, members = self._block_of(global_index)
+        position = global_index - epoch * self.samples_per_epoch - block_start
+        in_second_half = 2 * position >= int(self._chunk_samples(members).sum())
+        return 2 * (epoch * self.blocks_per_epoch + block) + int(in_second_half)
 
     def _block_of(self, global_index: int) -> tuple[int, int, int, np.ndarray]:
         """(epoch, block, first index in the epoch of that block, its chunks) of a global sample index."""
@@ -251,10 +260,12 @@ class SampleOrder:
 
 class ShardGate(Protocol):
     """Says when a shard may be opened; the data room's fetcher implements it (pretrain.shard_fetch.ReadyGate).
-    block is the block ordinal being read, which tells a fetcher that keeps a window ahead of the readers where
-    they are."""
+    note_progress hears the progress mark (SampleOrder.progress_mark) of every read, which tells a fetcher that
+    keeps a window ahead of the readers where they are."""
 
-    def wait_ready(self, rel_path: str, block: int) -> None: ...
+    def note_progress(self, mark: int) -> None: ...
+
+    def wait_ready(self, rel_path: str) -> None: ...
 
 
 class TokenSamples(Dataset):
@@ -301,6 +312,8 @@ class TokenSamples(Dataset):
         return list(self._streams)
 
     def __getitem__(self, global_index: int) -> torch.Tensor:
+        if self.gate is not None:
+            self.gate.note_progress(self.order.progress_mark(global_index))
         position, sample = self.order.locate(global_index)
         tokens = self._stream(position, global_index).read(sample * self.seq_len, self.seq_len)
         return torch.from_numpy(tokens)
@@ -312,7 +325,7 @@ class TokenSamples(Dataset):
             self._owner_pid = os.getpid()
         if position not in self._streams:
             if self.gate is not None:
-                self.gate.wait_ready(self.shards[position].path, self.order.block_ordinal(global_index))
+                self.gate.wait_ready(self.shards[position].path)
             stream = TokenStream(self.data_dir / self.shards[position].path)
             _remember(self._streams, position, stream, self.cache_shards)
         self._streams.move_to_end(position)

@@ -108,8 +108,8 @@ def prepare_training_data(config, accelerator, frozen: FrozenShards | None, star
     first = [frozen.train[p] for p in first_positions] + list(frozen.eval)
     rest = [(frozen.train[p], block) for p, block in train.order.need_schedule(start_sample)
             if p not in first_positions]
-    start_block = train.order.block_ordinal(start_sample)
-    fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest, start_block))
+    start_mark = train.order.progress_mark(start_sample)
+    fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest, start_mark))
     try:
         tokenizer_dir = on_main(accelerator, lambda: find_tokenizer(config))
     except BaseException:
@@ -156,7 +156,7 @@ def _sha256(path: Path) -> str:
 
 
 def start_fetching(config, gate: ReadyGate, frozen: FrozenShards, first: list[ShardInfo],
-                   rest: list[tuple[ShardInfo, int]], start_block: int) -> ShardFetcher:
+                   rest: list[tuple[ShardInfo, int]], start_mark: int) -> ShardFetcher:
     """On each node's first process: check every shard can be had (local or in the bucket; stat and listing only),
     make `first` ready now, then start the background fetcher on `rest` (each with the block that first needs it)
     as the readers approach."""
@@ -167,7 +167,7 @@ def start_fetching(config, gate: ReadyGate, frozen: FrozenShards, first: list[Sh
     check_obtainable(gate.data_dir, frozen.all, storage, remote)
     fetcher = ShardFetcher(gate, config.seq_len, storage, remote)
     fetcher.ensure(first)
-    fetcher.start(rest, start_block)
+    fetcher.start(rest, start_mark)
     return fetcher
 
 

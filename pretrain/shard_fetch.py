@@ -42,11 +42,13 @@ STALE_SECONDS = 60.0
 WAIT_SECONDS = 3600.0
 POLL_SECONDS = 0.2
 FETCH_WORKERS = 4
-# The fetcher keeps the shards of this many blocks beyond the one being read local, and no more: a block lasts about
-# block_chunks / shard_chunks shards' worth of samples (eight by default), far longer than fetching its shards, and a
-# fetch of the whole remaining bucket would compete with the first steps for the CPU and the network
-# (bench/bench_new_vm.py: resume at 10x data 1.36 -> 0.97 of the small bucket's launch-to-first-step).
-AHEAD_BLOCKS = 1
+# The fetcher takes a shard once reading is within this many half blocks (see SampleOrder.progress_mark) of the block
+# that first needs it: the rest of the current block at once, the next block's shards from the middle of this one.
+# A block lasts about block_chunks / shard_chunks shards' worth of samples (eight by default), so half of one is far
+# longer than fetching the next one's shards, and the first steps do not share the CPU and the network with a whole
+# second block (bench/bench_new_vm.py: resume at 10x data, first step after the data is ready 0.7 -> 4.9 s with a
+# window of one whole block ahead, 64-chunk blocks).
+AHEAD_MARKS = 1
 HEADER_WORKERS = 16
 RANGE_CHUNK_BYTES = 64 * 1024
 HEAD_BYTES = 4096  # zip local header + .npy header of a numpy.savez shard, with room to spare
@@ -64,8 +66,8 @@ class ReadyGate:
     A shard is ready when its marker matches the file's current size and mtime and its recorded id range fits
     vocab_size. wait_ready() blocks until then, and ends with a one-line error when the fetcher reports a
     failure, when its heartbeat goes stale, when it finished without the shard, or after wait_seconds.
-    With reports_progress, wait_ready() also records the block being read (one small file per process, written
-    when a shard is opened in a later block), which moves the fetcher's window.
+    With reports_progress, note_progress() records how far this process has read (one small file per process,
+    rewritten only when the mark grows: twice per block), which moves the fetcher's window.
     """
 
     def __init__(self, data_dir: Path, run_token: str, vocab_size: int, wait_seconds: float = WAIT_SECONDS,
@@ -108,8 +110,8 @@ class ReadyGate:
         except OSError:
             return None
 
-    def reached_block(self) -> int:
-        """The furthest block any reader of this run on this node has reported, or -1 before any report."""
+    def reached_mark(self) -> int:
+        """The furthest progress mark any reader of this run on this node has reported, or -1 before any report."""
         reached = -1
         for path in self.checked_dir.glob(f"run-{self.run_token}.reading-*"):
             try:
@@ -118,16 +120,14 @@ class ReadyGate:
                 continue  # its process is rewriting it (atomically) or has just removed it
         return reached
 
-    def _report(self, block: int) -> None:
+    def note_progress(self, mark: int) -> None:
         pid, reported = self._reported
-        if pid == os.getpid() and block <= reported:
+        if not self.reports_progress or (pid == os.getpid() and mark <= reported):
             return
-        _write_atomically(self.status_path(f"reading-{os.getpid()}"), str(block))
-        self._reported = (os.getpid(), block)
+        _write_atomically(self.status_path(f"reading-{os.getpid()}"), str(mark))
+        self._reported = (os.getpid(), mark)
 
-    def wait_ready(self, rel_path: str, block: int | None = None) -> None:
-        if self.reports_progress and block is not None:
-            self._report(block)
+    def wait_ready(self, rel_path: str) -> None:
         if self.is_ready(rel_path):
             return
         began = time.monotonic()
@@ -170,19 +170,19 @@ class ShardFetcher:
     check size, header and token ids, then write the marker the gate reads. One per node (its local main).
 
     In the background it keeps a window: a shard is taken once the readers (as the gate reports them) are within
-    ahead_blocks blocks of the one where the order first needs it, so the fetch of a large bucket trickles along
+    ahead_marks half blocks of the block where the order first needs it, so the fetch of a large bucket trickles along
     with training instead of competing with its first steps, and a disk holds what the next blocks need early.
     """
 
     def __init__(self, gate: ReadyGate, seq_len: int, storage: Storage | None = None,
                  remote: dict[str, ObjectInfo] | None = None, workers: int = FETCH_WORKERS,
-                 ahead_blocks: int = AHEAD_BLOCKS):
+                 ahead_marks: int = AHEAD_MARKS):
         self.gate = gate
         self.seq_len = seq_len
         self.storage = storage
         self.remote = remote or {}
         self.workers = workers
-        self.ahead_blocks = ahead_blocks
+        self.ahead_marks = ahead_marks
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.made_ready: list[str] = []  # in completion order; tests count downloads by it
@@ -196,14 +196,15 @@ class ShardFetcher:
             for future in [pool.submit(self._make_ready, shard) for shard in shards]:
                 future.result()
 
-    def start(self, schedule: Iterable[tuple[ShardInfo, int]], start_block: int) -> None:
+    def start(self, schedule: Iterable[tuple[ShardInfo, int]], start_mark: int) -> None:
         """Fetch in the background, self.workers at a time, each (shard, block where first needed) of the schedule
-        (in need order) once the readers are within ahead_blocks of its block; start_block is where they begin."""
+        (in need order) once the readers are within ahead_marks half blocks of its block; start_mark is the
+        progress mark where they begin."""
         schedule = list(schedule)
         self.gate.checked_dir.mkdir(parents=True, exist_ok=True)
         _remove_old_status_files(self.gate.checked_dir)
         self._touch_heartbeat()
-        self._thread = threading.Thread(target=self._run, args=(schedule, start_block), name="shard-fetcher",
+        self._thread = threading.Thread(target=self._run, args=(schedule, start_mark), name="shard-fetcher",
                                         daemon=True)
         self._thread.start()
 
@@ -220,7 +221,7 @@ class ShardFetcher:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _run(self, schedule: list[tuple[ShardInfo, int]], start_block: int) -> None:
+    def _run(self, schedule: list[tuple[ShardInfo, int]], start_mark: int) -> None:
         pending = list(reversed(schedule))
         lock = threading.Lock()
         errors: list[str] = []
@@ -233,8 +234,8 @@ class ShardFetcher:
                 with lock:
                     if not pending:
                         return None
-                    reached = max(start_block, self.gate.reached_block())
-                    if pending[-1][1] <= reached + self.ahead_blocks:
+                    reached = max(start_mark, self.gate.reached_mark())
+                    if 2 * pending[-1][1] <= reached + self.ahead_marks:
                         self.waiting_for_readers.clear()
                         in_flight += 1
                         return pending.pop()[0]

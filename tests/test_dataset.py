@@ -140,27 +140,32 @@ def test_fresh_run_starts_after_the_first_steps_shards_and_fetches_the_rest_in_n
         training.close()
 
 
-def test_background_fetch_keeps_one_block_ahead_of_the_readers_in_this_and_in_worker_processes(tmp_path, bucket):
+def test_background_fetch_brings_the_next_block_from_the_middle_of_this_one_in_this_and_in_worker_processes(
+        tmp_path, bucket):
     data_dir = tmp_path / "data"
     training = prepare_training_data(config(data_dir, bucket.url), ONE_PROCESS, None)
     try:
         order, fetcher = training.train.order, training._fetcher
         schedule = order.need_schedule(0)
-        at_start = {training.frozen.train[p].path for p in order.block_shards(0)} | {s.path for s in training.frozen.eval}
+        eval_paths = {s.path for s in training.frozen.eval}
 
-        def fetched_once_idle(reached: int) -> bool:
-            expected = at_start | {training.frozen.train[p].path for p, block in schedule
-                                   if block <= reached + shard_fetch.AHEAD_BLOCKS}
+        def fetched_once_idle(last_block: int) -> bool:
+            expected = eval_paths | {training.frozen.train[p].path for p, block in schedule if block <= last_block}
             return fetcher.waiting_for_readers.is_set() and local_npz(data_dir) == expected
 
-        wait_until(lambda: fetched_once_idle(0))
-        assert len(local_npz(data_dir)) < NUM_SHARDS, "the window covered the whole bucket: nothing shown"
-        first_of_block = {order.block_ordinal(i): i for i in reversed(range(training.samples_per_epoch))}
-        training.train[first_of_block[3]]  # a reader in this process jumps to block 3
+        at_mark = {order.progress_mark(i): i for i in reversed(range(training.samples_per_epoch))}
+        assert shard_fetch.AHEAD_MARKS == 1 and order.progress_mark(0) == 0
+        wait_until(lambda: fetched_once_idle(0))  # the first half of block 0: block 0 only, not block 1 yet
+        training.train[at_mark[1]]  # a reader in this process reaches the middle of block 0
+        wait_until(lambda: fetched_once_idle(1))
+        training.train[at_mark[6]]  # it jumps to the start of block 3
         wait_until(lambda: fetched_once_idle(3))
-        loader = make_train_loader(training.train, first_of_block[6], 4, 0, 1, num_workers=1)
-        next(iter(loader))  # a DataLoader worker (another process) reads block 6
-        wait_until(lambda: fetched_once_idle(6))
+        training.train[at_mark[7]]  # the middle of block 3
+        wait_until(lambda: fetched_once_idle(4))
+        loader = make_train_loader(training.train, at_mark[13], 4, 0, 1, num_workers=1)
+        next(iter(loader))  # a DataLoader worker (another process) reads the middle of block 6
+        wait_until(lambda: fetched_once_idle(7))
+        assert len(local_npz(data_dir)) < NUM_SHARDS, "the window covered the whole bucket: nothing shown"
     finally:
         training.close()
 
