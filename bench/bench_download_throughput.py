@@ -162,7 +162,8 @@ def main() -> None:
     args = parser.parse_args()
     options = StorageOptions(multipart_chunk_bytes=args.part_mib * MiB, max_concurrency=args.concurrency)
     print(f"{args.big_files} x {args.big_mib} MiB + {args.small_files} x {args.small_kib} KiB random files; ours: "
-          f"{args.part_mib} MiB parts, {args.concurrency} threads per object, {args.workers} objects at once; "
+          f"{args.part_mib} MiB parts (GCS downloads: at most 16 MiB, each read in one call), {args.concurrency} "
+          f"threads per object, {args.workers} objects at once; "
           f"plain: SDK defaults, one file after another; median of {args.repeats} rotated runs; MB/s = MiB per second", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-download-") as scratch:
         files = []
