@@ -5,8 +5,12 @@ A shard is an .npz holding an integer array `input_ids` (1-D, or 2-D read row-ma
 
 from __future__ import annotations
 
+import glob
 import io
+import os
+import shutil
 import struct
+import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -14,6 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from pretrain.storage.base import PARTIAL_SUFFIX  # in-flight files: listings and shard downloads skip the name
 
 ARRAY_NAME = "input_ids"
 FORMAT_HINT = "see README, Data format"
@@ -255,15 +261,44 @@ class TokenStream:
 
 
 def _open_array(path: Path, header: ArrayHeader) -> np.ndarray:
+    # C-order data is mapped as 1-D (the row-major stream itself); Fortran-order 2-D data keeps its shape and
+    # TokenStream.read copies only the rows a sample spans.
+    keep_shape = header.fortran_order and len(header.shape) == 2
     if header.stored:
-        # C-order data is mapped as 1-D (the row-major stream itself); Fortran-order 2-D data keeps its shape
-        # and TokenStream.read copies only the rows a sample spans.
-        if header.fortran_order and len(header.shape) == 2:
+        if keep_shape:
             return np.memmap(path, header.dtype, mode="r", offset=header.data_offset, shape=header.shape, order="F")
         return np.memmap(path, header.dtype, mode="r", offset=header.data_offset, shape=(header.num_tokens,))
-    with zipfile.ZipFile(path) as archive, archive.open(_find_member(path, archive)) as stream:
-        array = np.lib.format.read_array(stream, allow_pickle=False)
-    return np.ascontiguousarray(array).reshape(-1)
+    copy = _decompressed_copy(path)
+    if copy is None:  # the shard's folder is read-only or full: this process holds the array in RAM instead
+        with zipfile.ZipFile(path) as archive, archive.open(_find_member(path, archive)) as stream:
+            array = np.lib.format.read_array(stream, allow_pickle=False)
+        return np.ascontiguousarray(array).reshape(-1)
+    mapped = np.load(copy, mmap_mode="r", allow_pickle=False)
+    return mapped if keep_shape else mapped.reshape(-1)
+
+
+def _decompressed_copy(path: Path) -> Path | None:
+    """A compressed member's .npy, decompressed once beside the shard (a hidden file named after the shard's size
+    and mtime, written atomically) so that readers map it like a stored shard: a reader keeps up to a block's
+    worth of shards open, and holding each decompressed in every DataLoader worker's RAM would grow with the block.
+    Costs the decompressed size on disk, once per machine. None when it cannot be written."""
+    stat = path.stat()
+    copy = path.with_name(f".{path.name}.{stat.st_size}-{stat.st_mtime_ns}.npy")
+    if copy.is_file():
+        return copy
+    partial = copy.with_name(f"{copy.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}")
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(_find_member(path, archive)) as stream, \
+                open(partial, "wb") as out:
+            shutil.copyfileobj(stream, out, SCAN_CHUNK_BYTES)  # the member is itself a whole .npy file
+        os.replace(partial, copy)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        return None
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.npy"):
+        if stale != copy:
+            stale.unlink(missing_ok=True)  # the copy of an earlier version of this shard
+    return copy
 
 
 def _find_member(path: Path | str, archive: zipfile.ZipFile) -> zipfile.ZipInfo:

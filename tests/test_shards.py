@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import mmap
+import os
 import zipfile
 from pathlib import Path
 
@@ -150,12 +151,39 @@ def test_token_stream_reads_row_major_stream(tmp_path, dtype, shape, compressed)
 
     stream = TokenStream(path)
 
-    assert isinstance(stream.array, np.memmap) != compressed
+    assert isinstance(stream.array, np.memmap)  # compressed ones through their decompressed copy
     assert stream.num_tokens == expected.size
     for start, length in [(0, 100), (60, 10), (127, 130), (expected.size - 50, 50)]:
         tokens = stream.read(start, length)
         assert tokens.dtype == np.int64
         np.testing.assert_array_equal(tokens, expected[start : start + length])
+
+
+def test_a_compressed_shard_is_decompressed_once_to_disk_and_again_only_when_it_changes(tmp_path):
+    path = write_shard(tmp_path / "s.npz", True, input_ids=np.arange(4096, dtype=np.uint16))
+    TokenStream(path)
+    (copy,) = tmp_path.glob(".s.npz.*.npy")
+    written = copy.stat().st_mtime_ns
+    second = TokenStream(path)  # another reader (a DataLoader worker, a restart) maps the same copy
+    assert copy.stat().st_mtime_ns == written and isinstance(second.array, np.memmap)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [copy.name, "s.npz"]  # no partial file left
+
+    write_shard(path, True, input_ids=np.arange(4096, dtype=np.uint16)[::-1].copy())
+    os.utime(path, ns=(written + 10**9, written + 10**9))  # a replaced shard, even within the same second
+    np.testing.assert_array_equal(TokenStream(path).read(0, 3), [4095, 4094, 4093])
+    assert [p.name for p in tmp_path.glob(".s.npz.*.npy")] != [copy.name]  # the earlier version's copy is gone
+    assert len(list(tmp_path.glob(".s.npz.*.npy"))) == 1
+
+
+def test_a_compressed_shard_whose_copy_cannot_be_written_is_read_into_ram(tmp_path):
+    path = write_shard(tmp_path / "s.npz", True, input_ids=np.arange(4096, dtype=np.int32))
+    stat = path.stat()
+    # A directory where the copy would go: the rename fails like a read-only or full disk would.
+    (tmp_path / f".s.npz.{stat.st_size}-{stat.st_mtime_ns}.npy").mkdir()
+    stream = TokenStream(path)
+    assert not isinstance(stream.array, np.memmap)
+    np.testing.assert_array_equal(stream.read(100, 5), np.arange(100, 105))
+    assert not list(tmp_path.glob("*.partial")), "the failed copy was left behind"
 
 
 def test_fortran_order_stored_shard_is_mapped_and_read_row_major(tmp_path):
