@@ -49,9 +49,9 @@ __all__ = [
 # drawing two samples from one place of the corpus: bench/bench_shuffle.py (32 corpus-order shards, 16-sample
 # batches) against one fully shuffled shard, eval loss +0.042 nats with 16 chunks per block (5 seeds), +0.003 with 64
 # (7 seeds; standard error 0.010), and 64 was better than 16 on each of the 5 seeds both ran. The costs: each reader
-# keeps up to 66 shards open (memory maps; compressed shards are decompressed in RAM), the fetcher brings every shard
-# within about the first eighth of the first epoch, and step 1 waits only for the shards its own samples read
-# (need_schedule is exact in the block training starts in), so a wide block does not delay a new VM's first step.
+# keeps up to 66 shards open (memory maps; compressed ones through a decompressed copy on disk), the fetcher brings
+# every shard within about the first eighth of the first epoch, and the first few steps of a block read most of its
+# shards. Step 1 waits only for the shards its own samples read (need_schedule is exact in the start block).
 MIX_SHARDS = 64
 SHARD_CHUNKS = 8
 LEGACY_MIX_SHARDS = 2  # the order of runs whose checkpoints predate OrderSpec: blocks of two whole shards
