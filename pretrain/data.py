@@ -111,9 +111,10 @@ class SampleOrder:
 
     Why blocks rather than one global shuffle: a reader touches at most mix_shards shards at a time, so an LRU of
     that many open shards per worker suffices, memory stays flat, a new VM can start once the first step's shards
-    are local, and the rest arrive block by block rather than all at once. Chunking is what makes that mix well: a block holds pieces of mix_shards random places in the corpus
-    rather than a few whole shards, so shards written in corpus order (one topic each) still give diverse batches,
-    and the whole corpus is swept shard_chunks times per epoch. With shard_chunks 1 this is the original order
+    are local, and the rest arrive block by block rather than all at once. Chunking is what makes that mix well: a
+    block holds pieces of mix_shards random places in the corpus rather than a few whole shards, so shards written
+    in corpus order (one topic each) still give diverse batches, and the whole corpus is swept shard_chunks times
+    per epoch. With shard_chunks 1 this is the original order
     (blocks of whole shards), which LEGACY_ORDER keeps for old runs.
 
     Permutations come from the raw PCG64 stream of a SeedSequence (argsort of random 64-bit keys), both of which
@@ -175,8 +176,8 @@ class SampleOrder:
 
         Within the block holding global_index the order is exact (the order in which samples from there on first
         touch each shard), so a reader starting there waits only for what its first samples read; later blocks
-        list their shards in chunk order, which is exact enough for a fetcher that runs a block ahead. Costs one
-        pass over the start block's permutation, which the first read computes anyway."""
+        list their shards in chunk order, exact enough for a fetcher that has them local before reading enters
+        their block. Costs one pass over the start block's permutation, which the first read computes anyway."""
         epoch, block, block_start, members = self._block_of(global_index)
         index_in_epoch = global_index - epoch * self.samples_per_epoch
         still_ahead = self._block_permutation(epoch, block, members)[index_in_epoch - block_start :]

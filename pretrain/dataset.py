@@ -104,10 +104,10 @@ def prepare_training_data(config, accelerator, frozen: FrozenShards | None, star
     # The shards the first optimizer step reads are made ready before it; the rest follow in the order reads first
     # touch them (exact within the start block), so a wide block does not make step 1 wait for all of its shards.
     step_samples = config.per_device_train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    first_positions = train.order.shards_read_by(start_sample, step_samples)  # a few hundred at most
+    first_positions = train.order.shards_read_by(start_sample, step_samples)
     first = [frozen.train[p] for p in first_positions] + list(frozen.eval)
-    rest = [(frozen.train[p], block) for p, block in train.order.need_schedule(start_sample)
-            if p not in first_positions]
+    at_start = set(first_positions)
+    rest = [(frozen.train[p], block) for p, block in train.order.need_schedule(start_sample) if p not in at_start]
     start_mark = train.order.progress_mark(start_sample)
     fetcher = on_local_main(accelerator, lambda: start_fetching(config, gate, frozen, first, rest, start_mark))
     try:
