@@ -175,13 +175,13 @@ class ShardFetcher:
     """
 
     def __init__(self, gate: ReadyGate, seq_len: int, storage: Storage | None = None,
-                 remote: dict[str, ObjectInfo] | None = None, workers: int = FETCH_WORKERS,
+                 remote: dict[str, ObjectInfo] | None = None, workers: int | None = None,
                  ahead_marks: int = AHEAD_MARKS):
         self.gate = gate
         self.seq_len = seq_len
         self.storage = storage
         self.remote = remote or {}
-        self.workers = workers
+        self.workers = FETCH_WORKERS if workers is None else workers
         self.ahead_marks = ahead_marks
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -100,15 +100,20 @@ def wait_until(condition, seconds: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_fresh_run_starts_after_the_first_steps_shards_and_fetches_the_rest_in_need_order(tmp_path, bucket):
+def test_fresh_run_starts_after_the_first_steps_shards_and_fetches_the_rest_in_need_order(tmp_path, bucket,
+                                                                                          monkeypatch):
+    # One fetch worker, so the order downloads start in is the order the fetcher takes shards in.
+    monkeypatch.setattr(shard_fetch, "FETCH_WORKERS", 1)
     data_dir = tmp_path / "data"
     bucket.storage.hold.set()  # set-up may fetch only what it must; the background fetcher waits for release
     training = prepare_training_data(config(data_dir, bucket.url, block_chunks=12), ONE_PROCESS, None)
     try:
         order = training.train.order
-        first_step = {training.frozen.train[p].path for p in order.shards_read_by(0, STEP_SAMPLES)}
+        path_of = {p: training.frozen.train[p].path for p in range(len(training.frozen.train))}
+        first_step = {path_of[p] for p in order.shards_read_by(0, STEP_SAMPLES)}
+        first_block = {path_of[p] for p in order.block_shards(0)}
         eval_paths = {s.path for s in training.frozen.eval}
-        assert len(first_step) < len(order.block_shards(0)) == 12 and len(training.frozen.train) == NUM_SHARDS - 2
+        assert len(first_step) < len(first_block) == 12 and len(training.frozen.train) == NUM_SHARDS - 2
         # Only the first step's shards and the eval shards are local at return (downloads in flight are partial),
         # not the whole first block: a wide block costs step 1 nothing.
         assert local_npz(data_dir) == first_step | eval_paths
@@ -121,19 +126,13 @@ def test_fresh_run_starts_after_the_first_steps_shards_and_fetches_the_rest_in_n
         expected = np.load(bucket.storage.root / training.frozen.train[shard].path)["input_ids"].reshape(-1)
         np.testing.assert_array_equal(training.train[far].numpy(), expected[within * SEQ_LEN:(within + 1) * SEQ_LEN])
         wait_until(lambda: local_npz(data_dir) == {s.path for s in training.frozen.all})
-        # The rest in the order reads first touch them: exact within the first block, by block after it.
-        first_touch = list(dict.fromkeys(training.frozen.train[order.locate(i)[0]].path
-                                         for i in range(2 * training.samples_per_epoch)))
-        expected_order = [p for p in first_touch if p not in first_step]
         background = [k for k in bucket.storage.downloads if k not in first_step | eval_paths]
-        assert sorted(background) == sorted(expected_order)
-        in_first_block = len(order.block_shards(0)) - len(first_step)
-        # Parallel downloads finish in any order, but none runs more than the pool's width ahead of its turn.
-        lateness = [abs(background.index(k) - i) for i, k in enumerate(expected_order[:in_first_block])]
-        assert max(lateness) < shard_fetch.FETCH_WORKERS, "background fetch left the first block's read order"
-        later = [k for k in background if k not in expected_order[:in_first_block]]
-        need = [training.frozen.train[p].path for p in order.shards_in_need_order(0)]
-        assert max(abs(later.index(k) - i) for i, k in enumerate(p for p in need if p in later)) < shard_fetch.FETCH_WORKERS
+        # The first block's other shards in the exact order reads first touch them (a scan of the order), then
+        # the later blocks' shards block by block.
+        first_touch = list(dict.fromkeys(path_of[order.locate(i)[0]] for i in range(order.samples_per_epoch)))
+        rest_of_first_block = [p for p in first_touch if p in first_block - first_step]
+        assert background[: len(rest_of_first_block)] == rest_of_first_block
+        assert background == [path_of[p] for p in order.shards_in_need_order(0) if path_of[p] not in first_step]
         assert training.eval is not None and "order v1: blocks of 12 chunks, 1 per shard" in training.describe()
     finally:
         bucket.storage.release.set()
