@@ -9,6 +9,13 @@
 # and exits with 75; the exit code of train.py is returned (0 done, 1 unexpected, 2 bad input,
 # 3 non-finite losses, 4 newest checkpoint only on local disk, 75 preempted, 130 second Ctrl-C).
 set -uo pipefail
+# A shell that starts with SIGINT ignored (a background job of a script, some supervisors and test runners) cannot
+# trap it, so a Ctrl-C or `kill -INT` would be dropped without a word: start again with the default disposition.
+if [ -z "${PRETRAIN_SIGINT_RESET:-}" ] && (( 0x$(awk '/^SigIgn:/ {print $2}' /proc/$$/status 2>/dev/null || echo 0) & 2 )) \
+    && env --default-signal=INT true 2>/dev/null; then
+  export PRETRAIN_SIGINT_RESET=1
+  exec env --default-signal=INT "$0" "$@"
+fi
 cd "$(dirname "$0")"
 
 for arg in "$@"; do

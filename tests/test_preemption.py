@@ -73,6 +73,18 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, s
     assert good[0] in checkpoints(workdir)
 
 
+def test_sigint_reaches_the_training_when_the_launcher_started_with_sigint_ignored(tmp_path, sample_data):
+    # As a background job of a script starts it: bash cannot trap a signal ignored at entry, so the launcher resets it.
+    workdir = tmp_path / "run"
+    ignoring = ["bash", "-c", 'trap "" INT; exec "$0" "$@"', *launcher_command(workdir, sample_data, "--max-steps", "40",
+                                                                             "--save-steps", "1000", *COMMON)]
+    run = Watched(ignoring)
+    wait_for_step(workdir, 3, run.process)
+    run.process.send_signal(signal.SIGINT)
+    assert run.process.wait(timeout=120) == PREEMPTED_EXIT_CODE, run.text()[-3000:]
+    assert "SIGINT received" in run.text()
+
+
 def test_sigkill_at_random_moments_never_loses_or_changes_the_result(tmp_path, sample_data):
     """SIGKILL lands mid-step, mid-save and mid-upload (seeded delays); each time --resume latest continues."""
     kills_wanted = int(os.environ.get("PRETRAIN_KILL_POINTS", "10"))
