@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import glob
 import io
-import os
 import shutil
 import struct
-import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pretrain.storage.base import PARTIAL_SUFFIX  # in-flight files: listings and shard downloads skip the name
+from pretrain.storage.base import atomic_local_file
 
 ARRAY_NAME = "input_ids"
 FORMAT_HINT = "see README, Data format"
@@ -286,14 +284,11 @@ def _decompressed_copy(path: Path) -> Path | None:
     copy = path.with_name(f".{path.name}.{stat.st_size}-{stat.st_mtime_ns}.npy")
     if copy.is_file():
         return copy
-    partial = copy.with_name(f"{copy.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}")
     try:
-        with zipfile.ZipFile(path) as archive, archive.open(_find_member(path, archive)) as stream, \
-                open(partial, "wb") as out:
+        with atomic_local_file(copy) as partial, zipfile.ZipFile(path) as archive, \
+                archive.open(_find_member(path, archive)) as stream, open(partial, "wb") as out:
             shutil.copyfileobj(stream, out, SCAN_CHUNK_BYTES)  # the member is itself a whole .npy file
-        os.replace(partial, copy)
     except OSError:
-        partial.unlink(missing_ok=True)
         return None
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.npy"):
         if stale != copy:
