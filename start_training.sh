@@ -64,7 +64,7 @@ on_signal() {
   fi
   deliver
 }
-# A signal from start-up waits until every local rank is ready (local_ranks, written by pretrain.accelerate_quietly),
+# A signal from start-up waits until every local rank is ready (local_ranks, written by pretrain.launch.accelerate_quietly),
 # so that they all get it at once; after that, and mid-training, it goes at once to every rank.
 all_ready() {
   local expected

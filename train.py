@@ -11,9 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_NOT_UPLOADED = 0, 1, 2, 3, 4
+from pretrain.errors import one_line
+from pretrain.protocol import (
+    EXIT_BAD_INPUT,
+    EXIT_CODE_FILE,
+    EXIT_NONFINITE,
+    EXIT_NOT_UPLOADED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    launch_dir,
+    pid_file,
+    record,
+)
 
 
 def _setup_logging() -> None:
@@ -26,33 +36,6 @@ def _setup_logging() -> None:
     )
     for noisy in ("urllib3", "azure", "botocore", "google", "filelock", "torch._dynamo", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _record_for_launcher(name: str, value: str) -> None:
-    """start_training.sh reads pid files (to forward signals) and the exit code (accelerate launch masks it).
-
-    One value and a newline per file, renamed into place so the launcher never reads half of it; a launcher that is
-    already gone (its folder removed) reads nothing, so nothing is written.
-    """
-    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
-    if not launch_dir:
-        return
-    partial = Path(launch_dir, f".{name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(f"{value}\n")
-        partial.replace(Path(launch_dir, name))
-    except FileNotFoundError:
-        pass
-
-
-def one_line(error: BaseException) -> str:
-    """Our errors are one line already; one raised in a DataLoader worker comes wrapped in the worker's traceback, whose
-    last line is `module.Class: the original message`."""
-    text = str(error).strip()
-    if "Original Traceback" not in text:
-        return text
-    last = text.splitlines()[-1]
-    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,18 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         print_dry_run(config)
         return EXIT_OK
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.checkpointer import CheckpointNotUploaded
+    from pretrain.checkpoint.checkpointer import CheckpointNotUploaded
+    from pretrain.checkpoint.format import CheckpointError
     from pretrain.loop import NonFiniteLoss, Trainer
-    from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag
-    from pretrain.storage import StorageError, redact
+    from pretrain.preemption import Preempted, PreemptionFlag
+    from pretrain.storage.base import StorageError
+    from pretrain.storage.redaction import redact
 
     rank = os.environ.get("RANK", "0")
-    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
-    preemption = PreemptionFlag(str(Path(launch_dir, "exit_code")) if launch_dir and rank == "0" else None)
+    folder = launch_dir()
+    preemption = PreemptionFlag(str(folder / EXIT_CODE_FILE) if folder and rank == "0" else None)
     preemption.install()
     # Only now: the launcher sends signals to the pids it finds, and before install() one would kill this process.
-    _record_for_launcher(f"rank{rank}.pid", str(os.getpid()))
+    record(pid_file(rank), str(os.getpid()))
     log = logging.getLogger("train")
     try:
         trainer = Trainer(config, preemption)
@@ -91,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_OK
     except Preempted as signal_name:
         log.warning("stopped by %s; run the same command with --resume auto to continue", signal_name)
-        code = PREEMPTED_EXIT_CODE
+        code = EXIT_PREEMPTED
     except CheckpointNotUploaded as error:
         log.error("error: %s", redact(one_line(error)))
         code = EXIT_NOT_UPLOADED
@@ -102,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", redact(one_line(error)))
         code = EXIT_BAD_INPUT
     if rank == "0":
-        _record_for_launcher("exit_code", str(code))
+        record(EXIT_CODE_FILE, str(code))
     return code
 
 

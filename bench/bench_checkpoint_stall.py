@@ -25,9 +25,9 @@ if __package__ in (None, ""):
 
 from configs import CONFIGS, with_changes  # noqa: E402
 from pretrain.cli import validate  # noqa: E402
+from pretrain.data.synthetic import generate_sample_data  # noqa: E402
 from pretrain.loop import Trainer  # noqa: E402
 from pretrain.preemption import PreemptionFlag  # noqa: E402
-from pretrain.sample_data import generate_sample_data  # noqa: E402
 from tests import emulators  # noqa: E402
 
 # About 19 M parameters: 76 MB of weights and 150 MB of AdamW moments per checkpoint.

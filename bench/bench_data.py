@@ -20,9 +20,10 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from pretrain.data import MIX_SHARDS, SHARD_CHUNKS, TokenSamples, make_train_loader
-from pretrain.dataset import prepare_training_data
-from pretrain.shards import discover_shards, inspect_shards
+from pretrain.data.format import discover_shards, inspect_shards
+from pretrain.data.order import MIX_SHARDS, SHARD_CHUNKS
+from pretrain.data.samples import TokenSamples, make_train_loader
+from pretrain.data.training_data import prepare_training_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512

@@ -139,7 +139,7 @@ def bench_provider(name: str, files: list[Path], options: StorageOptions, worker
         print(f"{name:6s} download_many {median['many']:6.1f} MB/s  plain SDK {median['plain']:6.1f} MB/s  "
               f"download_many/plain {ratio['many']:.2f}{extra}  |  our upload_many {upload_mbps:6.1f} MB/s, "
               f"download_many/upload_many {median['many'] / upload_mbps:.2f}", flush=True)
-        print(f"       runs: " + "; ".join(f"{label} {', '.join(f'{v:.0f}' for v in values)}"
+        print("       runs: " + "; ".join(f"{label} {', '.join(f'{v:.0f}' for v in values)}"
                                           for label, values in results.items()), flush=True)
     finally:
         emulator.stop()

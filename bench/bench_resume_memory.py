@@ -27,9 +27,10 @@ if __package__ in (None, ""):
 
 from safetensors.torch import load_file  # noqa: E402
 
+from bench.bench_save_stall import tensors_of  # noqa: E402
 from configs import CONFIGS, with_changes  # noqa: E402
-from pretrain import rng  # noqa: E402
-from pretrain.checkpoint import (  # noqa: E402
+from pretrain.checkpoint import rng  # noqa: E402
+from pretrain.checkpoint.format import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     RNG_FILE,
@@ -38,10 +39,9 @@ from pretrain.checkpoint import (  # noqa: E402
     read_state,
     write_checkpoint,
 )
-from pretrain.model import build_model  # noqa: E402
+from pretrain.checkpoint.state_dicts import clean_state_dict, full_optimizer_state  # noqa: E402
+from pretrain.model.build import build_model  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
-from pretrain.state_dicts import clean_state_dict, full_optimizer_state  # noqa: E402
-from bench.bench_save_stall import tensors_of  # noqa: E402
 from tests.checkpointer_harness import state_at  # noqa: E402
 
 PROCESSES = 2

@@ -29,11 +29,11 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from configs import CONFIGS, with_changes  # noqa: E402
-from pretrain.checkpointer import Checkpointer  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
+from pretrain.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from pretrain.checkpoint.state_dicts import full_optimizer_state  # noqa: E402
+from pretrain.model.build import build_model  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 from pretrain.preemption import PreemptionFlag  # noqa: E402
-from pretrain.state_dicts import full_optimizer_state  # noqa: E402
 from tests.checkpointer_harness import state_at  # noqa: E402
 
 

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from pretrain.sample_text import write_sample_text
+from pretrain.prepare.sample_text import write_sample_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EOS = 256

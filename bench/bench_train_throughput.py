@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import CONFIGS, with_changes  # noqa: E402
 from pretrain.cli import validate  # noqa: E402
-from pretrain.data import TokenSamples, make_train_loader  # noqa: E402
+from pretrain.data.format import discover_shards, inspect_shards, split_eval_shards  # noqa: E402
+from pretrain.data.samples import TokenSamples, make_train_loader  # noqa: E402
+from pretrain.data.synthetic import generate_sample_data  # noqa: E402
 from pretrain.loop import Trainer  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
+from pretrain.model.build import build_model  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 from pretrain.preemption import PreemptionFlag  # noqa: E402
-from pretrain.sample_data import generate_sample_data  # noqa: E402
-from pretrain.shards import discover_shards, inspect_shards, split_eval_shards  # noqa: E402
 
 WINDOW = 10
 

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import TEST_MODEL, get_config  # noqa: E402
 from pretrain.memory import CUDA_CONTEXT_BYTES, GIB, USABLE_GIB, plan_memory  # noqa: E402
-from pretrain.model import (  # noqa: E402
+from pretrain.model.build import (
     build_model,
     count_parameters,
     enable_activation_checkpointing,
-    flops_per_token,
-    peak_tflops_for_name,
 )
+from pretrain.model.families import family_for
+from pretrain.model.peaks import peak_tflops_for_name
 
 ATTENTION_KERNELS = {"flash": "flash", "cudnn": "cudnn", "efficient": "efficient", "fmha": "efficient", "math": "math"}
 
@@ -175,7 +175,7 @@ class Bench:
             "optimizer_step_ms": optimizer_ms,
         }
         if self.peak_tflops:
-            result["mfu"] = round(tokens_per_s * flops_per_token(size, self.model_config, self.seq_len)
+            result["mfu"] = round(tokens_per_s * family_for(self.model_config).flops_per_token(self.model_config, self.seq_len)
                                   / (self.peak_tflops * 1e12), 3)
         if profile:
             result["attention_kernels"] = self.attention_kernels(lambda: micro_step(0))

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the GPT-NeoX model, with transformers' own field names."""
+    """Shape of the model, with transformers' own field names; model_type picks the family (pretrain/model/), which
+    maps these fields to its transformers config and ignores those it has no use for."""
 
+    model_type: str = "gpt_neox"  # the model family: gpt_neox
     vocab_size: int = 50257
     hidden_size: int = 2048
     num_hidden_layers: int = 24

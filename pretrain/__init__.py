@@ -1,1 +1,2 @@
-"""Pre-training pipeline for GPT-NeoX models: config, model, data, storage, checkpoint, metrics, loop."""
+"""Pre-training pipeline for language models on preemptible GPUs: the rooms are the subpackages (model, data, prepare,
+checkpoint, launch, storage) and the loop, evaluation, metrics, optimizer, agreement and memory plan beside them."""

@@ -15,6 +15,7 @@ import typing
 from typing import Any
 
 from configs import CONFIGS, ModelConfig, TrainingConfig, get_config, with_changes
+from pretrain.model.families import family_for
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
@@ -66,7 +67,7 @@ class _ErrorRaisingParser(argparse.ArgumentParser):
 def build_parser(base: TrainingConfig) -> argparse.ArgumentParser:
     parser = _ErrorRaisingParser(
         prog="train.py",
-        description="Pre-train a GPT-NeoX model. Defaults shown are those of the chosen --config.",
+        description="Pre-train a language model. Defaults shown are those of the chosen --config.",
         allow_abbrev=False,
     )
     parser.add_argument("--config", default="test", help=f"named config: {', '.join(CONFIGS)}")
@@ -119,10 +120,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
             "the schedule would end before training does"
         )
     model = config.model
-    if model.hidden_size % model.num_attention_heads:
-        raise ValueError(
-            f"--hidden-size ({model.hidden_size}) must be divisible by --num-attention-heads ({model.num_attention_heads})"
-        )
+    family_for(model).validate(model)
     if config.seq_len > model.max_position_embeddings:
         raise ValueError(
             f"--seq-len ({config.seq_len}) exceeds --max-position-embeddings ({model.max_position_embeddings})"

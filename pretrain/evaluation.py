@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from configs import TrainingConfig
-from pretrain.data import TokenSamples, make_eval_batches
+from pretrain.data.samples import TokenSamples, make_eval_batches
 
 
 class Evaluator:

@@ -16,12 +16,17 @@ from pathlib import Path
 import torch
 
 from configs import ModelConfig, TrainingConfig
-from pretrain.checkpoint import CheckpointError, CheckpointStore, download_checkpoint, load_checkpoint, verify_checkpoint
-from pretrain.dataset import find_tokenizer
-from pretrain.model import build_model
-from pretrain.state_dicts import load_model_state
+from pretrain.checkpoint.format import (
+    CheckpointError,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from pretrain.checkpoint.state_dicts import load_model_state
+from pretrain.checkpoint.store import CheckpointStore, download_checkpoint
+from pretrain.data.training_data import find_tokenizer
+from pretrain.model.build import build_model
+from pretrain.prepare.tokenizer import TokenizerError, load_tokenizer
 from pretrain.storage import StorageError, open_storage
-from pretrain.tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger("generate")
 

@@ -21,29 +21,36 @@ import safetensors
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    broadcast_object_list,
+    set_seed,
+)
 
 from configs import TrainingConfig, as_dict
 from pretrain.agreement import Agreement
-from pretrain.checkpointer import Checkpointer, Resumed
-from pretrain.data import make_train_loader
-from pretrain.dataset import FrozenShards, prepare_training_data
+from pretrain.checkpoint.checkpointer import Checkpointer, Resumed
+from pretrain.checkpoint.state_dicts import load_model_state
+from pretrain.checkpoint.train_state import TrainState
+from pretrain.data.samples import make_train_loader
+from pretrain.data.training_data import FrozenShards, prepare_training_data
+from pretrain.distributed import on_main
 from pretrain.evaluation import Evaluator, eval_values
-from pretrain.export import export_model, sample_lines
-from pretrain.metrics import Metrics, ThroughputModel
 from pretrain.memory import measured_gpu_memory_gib, plan_for_config
-from pretrain.model import (
+from pretrain.metrics import Metrics, ThroughputModel
+from pretrain.model.build import (
     build_model,
     count_parameters,
     enable_activation_checkpointing,
-    flops_per_token,
-    peak_flops_per_device,
 )
+from pretrain.model.export import export_model, sample_lines
+from pretrain.model.families import family_for
+from pretrain.model.peaks import peak_flops_per_device
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.plan import RunPlan, effective_mixed_precision
 from pretrain.preemption import Preempted, PreemptionFlag
-from pretrain.state_dicts import load_model_state
-from pretrain.train_state import TrainState
+from pretrain.prepare.demo_corpus import ensure_demo_corpus
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +164,9 @@ class Trainer:
         self._stop_if_preempted()
         started = time.monotonic()
         frozen = FrozenShards.from_json(resumed.state.data) if resumed else None
+        if frozen is None and config.generate_sample_data and not config.data_bucket:
+            on_main(accelerator, lambda: ensure_demo_corpus(config.sample_corpus, Path(config.data_dir),
+                                                            config.model.vocab_size, config.seed))
         self.data = prepare_training_data(config, accelerator, frozen,
                                           start_sample=resumed.state.samples_consumed if resumed else 0)
         self.cleanup.callback(self.data.close)
@@ -286,7 +296,7 @@ class Trainer:
         peak = peak_flops_per_device(accelerator.device, config.peak_tflops_per_device, self.plan.precision)
         throughput = ThroughputModel(
             tokens_per_step=self.plan.tokens_per_step,
-            flops_per_token=flops_per_token(self.plan.model_size, config.model, config.seq_len),
+            flops_per_token=family_for(config.model).flops_per_token(config.model, config.seq_len),
             peak_flops_total=peak * accelerator.num_processes if peak else None,
         )
         wandb_settings = None

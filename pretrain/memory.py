@@ -1,5 +1,6 @@
 """Per-GPU memory plan of a training layout (DDP or FSDP, activation checkpointing, micro-batch), and the choice of
-the fastest layout that fits a GPU. Pure arithmetic on the model shape: no torch, nothing allocated."""
+the fastest layout that fits a GPU. Pure arithmetic on the model shape, whose family (pretrain.model.families) answers
+the parameter and activation counts: no torch, nothing allocated."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from configs import ModelConfig
+from pretrain.model.families import family_for
 
 GIB = 1 << 30
 
@@ -34,41 +36,6 @@ _HALVING_COST = 1.06
 _CHECKPOINTING_COST = 4 / 3
 
 
-def parameter_count(model: ModelConfig) -> int:
-    """Parameters of transformers' GPTNeoXForCausalLM with this shape (the same count the built model reports)."""
-    h, v = model.hidden_size, model.vocab_size
-    return v * h * (1 if model.tie_word_embeddings else 2) + model.num_hidden_layers * _layer_parameters(model) + 2 * h
-
-
-def _layer_parameters(model: ModelConfig) -> int:
-    h, f = model.hidden_size, model.intermediate_size
-    # two LayerNorms, fused QKV, attention output, and the MLP's two matrices, all with biases
-    return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
-
-
-def layer_activation_bytes(
-    model: ModelConfig, seq_len: int, micro_batch: int, compute_bytes: int, residual_bytes: int, flash: bool = True
-) -> int:
-    """Bytes one GPT-NeoX layer saves for its backward pass (eager autograd; torch.compile saves at most this).
-
-    Counted from what each op saves (checked against saved-tensor hooks in tests/test_memory_plan.py): the
-    residual stream x (dtype of the weights: fp32 under autocast with fp32 weights, bf16 under FSDP's bf16
-    parameters), the low-precision inputs of the QKV, attention-output and MLP matrices, the QKV output (V is a
-    view of it), Q and K after rotary, the attention output and its contiguous copy, and the MLP's activation input
-    and output. With flash/cuDNN/memory-efficient SDPA nothing of size seq^2 is kept; the math kernel keeps the
-    attention probabilities (and fp32 scores) per head.
-    """
-    bs = micro_batch * seq_len
-    h, f, heads = model.hidden_size, model.intermediate_size, model.num_attention_heads
-    hidden = bs * h * (residual_bytes + 9 * compute_bytes)
-    if not model.use_parallel_residual:
-        hidden += bs * h * residual_bytes  # the MLP's LayerNorm reads x + attention, a tensor of its own
-    mlp = 2 * bs * f * compute_bytes
-    small = 16 * bs + 4 * bs * heads  # LayerNorm mean/rstd, attention log-sum-exp
-    scores = 0 if flash else micro_batch * heads * seq_len * seq_len * (compute_bytes + 4)
-    return hidden + mlp + small + scores
-
-
 def saved_for_backward_bytes(
     model: ModelConfig,
     *,
@@ -88,7 +55,7 @@ def saved_for_backward_bytes(
     if activation_checkpointing:
         layers = model.num_hidden_layers * tokens * model.hidden_size * residual
     else:
-        layers = model.num_hidden_layers * layer_activation_bytes(
+        layers = model.num_hidden_layers * family_for(model).layer_activation_bytes(
             model, seq_len, micro_batch, low, residual, flash_attention
         )
     final = tokens * model.hidden_size * (residual + low) + 16 * tokens
@@ -191,7 +158,7 @@ def plan_memory(
 
     AdamW with fp32 moments; mixed precision by autocast over fp32 weights under DDP, by FSDP's bf16/fp16
     parameters under FSDP (Accelerate's policy); DDP without gradient_as_bucket_view (Accelerate's default: a
-    second fp32 copy of the gradients); FSDP1 FULL_SHARD with one unit per GPTNeoXLayer, whose no_sync (used by
+    second fp32 copy of the gradients); FSDP1 FULL_SHARD with one unit per block (the family's layer class), whose no_sync (used by
     Accelerate's accumulate) keeps every unit's unsharded gradient between micro-batches.
     """
     if strategy not in ("ddp", "fsdp"):
@@ -201,8 +168,9 @@ def plan_memory(
     if min(seq_len, micro_batch, accumulation, num_gpus) < 1 or gpu_memory_gib <= 0:
         raise ValueError("seq_len, micro_batch, accumulation and num_gpus must be >= 1 and gpu_memory_gib > 0")
 
-    params = parameter_count(model)
-    layer_params = _layer_parameters(model)
+    family = family_for(model)
+    params = family.parameter_count(model)
+    layer_params = family.layer_parameters(model)
     root_params = params - model.num_hidden_layers * layer_params  # embeddings, output projection, final norm
     low = 4 if mixed_precision == "no" else 2
     fsdp = strategy == "fsdp" and num_gpus > 1
@@ -214,8 +182,8 @@ def plan_memory(
     ddp_buckets = 4 * params if (not fsdp and num_gpus > 1 and not ddp_gradient_as_bucket_view) else 0
     # Autocast casts each fp32 matrix once per forward and the matmul keeps the copy for its backward pass; with
     # checkpointing a layer's copies are made again in its recompute, so only one layer's exist at a time.
-    h, f = model.hidden_size, model.intermediate_size
-    layer_matrices = 4 * h * h + 2 * h * f
+    h = model.hidden_size
+    layer_matrices = family.layer_matrix_parameters(model)
     copied_layers = 1 if activation_checkpointing else model.num_hidden_layers
     low_precision_weights = 0
     if low == 2 and not fsdp:
@@ -236,7 +204,7 @@ def plan_memory(
     residual = 4 if (low == 4 or not fsdp) else 2
     # The backward pass of one layer at a time holds its gradients' working set (about the layer's own saved
     # bytes); with checkpointing, the recomputed layer's activations come on top.
-    working = layer_activation_bytes(model, seq_len, micro_batch, low, residual, flash_attention)
+    working = family.layer_activation_bytes(model, seq_len, micro_batch, low, residual, flash_attention)
     activations = saved - 4 * tokens * model.vocab_size + working * (2 if activation_checkpointing else 1)
     # transformers' loss upcasts the logits to fp32; log_softmax keeps its fp32 output for the backward pass, which
     # then holds the incoming gradient and log_softmax's gradient (fp32 each) at once.

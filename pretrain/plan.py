@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from configs import TrainingConfig
+from pretrain.model.families import family_for
 
 if TYPE_CHECKING:
-    from pretrain.model import ModelSize
+    from pretrain.model.build import ModelSize
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,15 @@ class RunPlan:
     def lines(self) -> list[str]:
         # transformers only when a model was built: the launcher prints its plan without importing it (seconds).
         if self.model_size is not None:
-            from pretrain.model import describe, flops_per_token
+            from pretrain.model.build import describe
+        family = family_for(self.config.model)
         c = self.config
         device = f"{self.num_processes} GPU{'s' if self.num_processes > 1 else ''}" if self.cuda else (
             f"CPU, {self.num_processes} process{'es' if self.num_processes > 1 else ''}")
         lines = [f"config {c.name} on {device}, mixed precision {self.precision}, torch.compile "
                  f"{'on' if c.compile_model else 'off'}"]
         if self.model_size is not None:
-            lines.append(f"model: GPT-NeoX {describe(self.model_size)}")
+            lines.append(f"model: {family.display_name} {describe(self.model_size)}")
         lines.append(
             f"batch: {c.per_device_train_batch_size} per device x {c.gradient_accumulation_steps} accumulation x "
             f"{self.num_processes} process{'es' if self.num_processes > 1 else ''} x {c.seq_len} tokens = "
@@ -73,13 +75,13 @@ class RunPlan:
             f"{c.effective_lr_decay_steps():,}"
         )
         if self.model_size is not None:
-            gflops = flops_per_token(self.model_size, c.model, c.seq_len) / 1e9
+            gflops = family.flops_per_token(c.model, c.seq_len) / 1e9
             lines.append(f"training FLOPs: {gflops:.2f} GFLOP per token")
         return lines
 
 
 def print_dry_run(config: TrainingConfig) -> None:
-    from pretrain.model import build_model, count_parameters
+    from pretrain.model.build import build_model, count_parameters
 
     processes = int(os.environ.get("WORLD_SIZE", "0")) or config.num_processes
     model = build_model(config.model, device="meta")  # shapes only: no memory for the weights

@@ -7,8 +7,7 @@ import signal
 import threading
 import time
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. resume with --resume latest
-INTERRUPTED_EXIT_CODE = 130  # second Ctrl-C: the shell's convention for death by SIGINT
+from pretrain.protocol import EXIT_INTERRUPTED
 
 
 class Preempted(Exception):
@@ -32,9 +31,9 @@ class PreemptionFlag:
             os.write(2, b"second interrupt: exiting at once; the last complete checkpoint is kept\n")
             if self._exit_code_file:
                 fd = os.open(self._exit_code_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.write(fd, str(INTERRUPTED_EXIT_CODE).encode())
+                os.write(fd, str(EXIT_INTERRUPTED).encode())
                 os.close(fd)
-            os._exit(INTERRUPTED_EXIT_CODE)
+            os._exit(EXIT_INTERRUPTED)
         self.signal_name = signal.Signals(signum).name
         self.received_at = time.monotonic()
         self._event.set()

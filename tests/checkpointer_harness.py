@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from configs import CONFIGS, with_changes
-from pretrain.checkpointer import Checkpointer
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.train_state import TrainState
 from pretrain.preemption import PreemptionFlag
-from pretrain.train_state import TrainState
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from accelerate.utils import gather, set_seed
 
 from configs import get_config
 from pretrain.loop import make_accelerator, train_step
-from pretrain.model import build_model
+from pretrain.model.build import build_model
 from pretrain.optim import build_optimizer, lr_at
 from tests.process_exit import leave_without_teardown
 

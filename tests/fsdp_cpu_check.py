@@ -2,7 +2,7 @@
 checkpoint on a single process; writes every loss to a JSON file that tests/test_distributed.py judges.
 
 Accelerate runs FSDP only on GPUs (on CPU processes it falls back to DDP), so this wraps the model with torch's FSDP
-directly, with what configs/accelerate/fsdp.yaml asks Accelerate for: FULL_SHARD, one unit per GPTNeoXLayer,
+directly, with what configs/accelerate/fsdp.yaml asks Accelerate for: FULL_SHARD, one unit per block of the model family,
 use_orig_params. Everything else is the pipeline's own: model, optimizer groups, the loop's step function
 (pretrain.loop.train_step: accumulation, clipping, the update, the learning rate), the global sample order, and the full
 model/optimizer state that the checkpointer saves.
@@ -21,17 +21,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 
 from configs import get_config
-from pretrain.data import TokenSamples, make_train_loader
+from pretrain.checkpoint.state_dicts import (
+    full_optimizer_state,
+    load_full_optimizer_state,
+)
+from pretrain.data.format import discover_shards, inspect_shards, split_eval_shards
+from pretrain.data.samples import TokenSamples, make_train_loader
 from pretrain.loop import make_accelerator, train_step
-from pretrain.model import build_model
+from pretrain.model.build import block_classes, build_model
+from pretrain.model.families import family_for
 from pretrain.optim import build_optimizer, lr_at
-from pretrain.shards import discover_shards, inspect_shards, split_eval_shards
-from pretrain.state_dicts import full_optimizer_state, load_full_optimizer_state
 from tests.process_exit import leave_without_teardown
 
 CONFIG = get_config("test")
@@ -46,14 +52,16 @@ def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={GPTNeoXLayer})
+        blocks = block_classes(model, family_for(CONFIG.model))
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=blocks)
         return FullyShardedDataParallel(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD,
                                         use_orig_params=True, device_id=torch.device("cpu"))
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.gpt_neox.layers:
+    blocks = tuple(block_classes(model, family_for(CONFIG.model)))
+    for layer in [module for module in model.modules() if isinstance(module, blocks)]:
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 

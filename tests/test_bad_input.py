@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.checkpoint import verify_checkpoint
+from pretrain.checkpoint.format import verify_checkpoint
 from tests import emulators
 from tests.launcher import REPO, checkpoints, free_port, isolated_args, last_line
 

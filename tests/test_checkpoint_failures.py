@@ -12,10 +12,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from pretrain import checkpoint as checkpoint_format
 from pretrain.agreement import Signals
-from pretrain.checkpoint import CheckpointStore, verify_checkpoint
-from pretrain.checkpointer import CheckpointNotUploaded, CheckpointWriteError
+from pretrain.checkpoint import format as checkpoint_format
+from pretrain.checkpoint.checkpointer import CheckpointNotUploaded, CheckpointWriteError
+from pretrain.checkpoint.format import verify_checkpoint
+from pretrain.checkpoint.store import CheckpointStore
 from pretrain.storage import StorageError
 from tests.checkpointer_harness import harness, state_at, take_step
 from tests.launcher import REPO, check, checkpoints, isolated_args, launch

@@ -9,20 +9,23 @@ import threading
 import pytest
 import torch
 
-from pretrain.checkpoint import (
+from pretrain.checkpoint import checkpointer as checkpointer_module
+from pretrain.checkpoint.checkpointer import CheckpointNotUploaded
+from pretrain.checkpoint.format import (
     CheckpointPayload,
-    CheckpointStore,
     checkpoint_name,
-    download_checkpoint,
-    upload_checkpoint,
     verify_checkpoint,
     write_checkpoint,
 )
-from pretrain import checkpointer as checkpointer_module
-from pretrain.checkpointer import CheckpointNotUploaded
+from pretrain.checkpoint.retention import prune
+from pretrain.checkpoint.store import (
+    CheckpointStore,
+    download_checkpoint,
+    upload_checkpoint,
+)
 from pretrain.storage import StorageOptions, open_storage
-from tests.fault_proxy import CONNECTION_RESET, SERVICE_UNAVAILABLE
 from tests.checkpointer_harness import harness, state_at, take_step
+from tests.fault_proxy import CONNECTION_RESET, SERVICE_UNAVAILABLE
 from tests.launcher import check, checkpoints, final_weights, launch, logged
 
 CLOUDS = ("s3", "gcs", "azure")
@@ -55,7 +58,7 @@ def test_uploads_land_intact_through_503s_and_resets(cloud, tmp_path, new_bucket
     for step in (10, 20, 30):
         folder = write_checkpoint(local, checkpoint_name(0, step, 1), big_payload(step))
         upload_checkpoint(folder, remote, backoff_seconds=0.05)
-        remote.prune(keep=2)
+        prune(remote, keep=2)
         names.append(folder.name)
     assert proxy.count(faulted=True) >= 3  # the faults really happened
     assert remote.complete() == [names[2], names[1]]  # retention kept the newest two

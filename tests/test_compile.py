@@ -9,9 +9,9 @@ from accelerate.state import AcceleratorState
 
 from configs import CONFIGS, with_changes
 from pretrain.cli import validate
+from pretrain.data.synthetic import generate_sample_data
 from pretrain.loop import Trainer
 from pretrain.preemption import PreemptionFlag
-from pretrain.sample_data import generate_sample_data
 
 
 def failing_backend(graph_module, example_inputs):

@@ -8,7 +8,7 @@ import pytest
 
 from configs import CONFIGS, ModelConfig, TrainingConfig
 from pretrain.cli import build_parser, parse_config
-from pretrain.model import build_model, count_parameters
+from pretrain.model.build import build_model, count_parameters
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

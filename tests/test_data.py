@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-import pretrain.data as data
-from pretrain.data import (
-    SampleOrder,
+import pretrain.data.order as order_module
+import pretrain.data.samples as samples_module
+from pretrain.data.format import ShardInfo, discover_shards, inspect_shards
+from pretrain.data.order import SampleOrder
+from pretrain.data.samples import (
     TokenSamples,
     make_eval_batches,
     make_train_loader,
     rank_batches,
 )
-from pretrain.shards import ShardInfo, discover_shards, inspect_shards
 
 SEQ_LEN = 8
 SEED = 1234
@@ -132,7 +133,7 @@ def test_chunked_blocks_touch_at_most_mix_shards_shards_and_sweep_the_corpus(mix
 def test_legacy_order_is_the_order_runs_started_with_before_order_specs():
     # Digest of 3 epochs of locate() by the code before OrderSpec (commit 511b3bb, blocks of 2 whole shards).
     shards = [ShardInfo(f"s{i}.npz", n * 8, 0) for i, n in enumerate([5, 1, 0, 12, 7, 3, 9, 30, 2, 2, 11])]
-    spec = data.LEGACY_ORDER
+    spec = order_module.LEGACY_ORDER
     order = SampleOrder(shards, 8, 1234, spec.mix_shards, spec.shard_chunks)
     locations = [order.locate(i) for i in range(3 * order.samples_per_epoch)]
     digest = hashlib.sha256(repr(locations).encode()).hexdigest()
@@ -171,8 +172,8 @@ def test_locating_far_past_costs_one_permutation(monkeypatch):
     order = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED, mix_shards=2)
     expected = SampleOrder(synthetic_shards([50, 70, 30]), SEQ_LEN, SEED, mix_shards=2).locate(10**15 + 17)
     calls = []
-    real_permutation = data._permutation
-    monkeypatch.setattr(data, "_permutation", lambda size, words: calls.append(size) or real_permutation(size, words))
+    real_permutation = order_module._permutation
+    monkeypatch.setattr(order_module, "_permutation", lambda size, words: calls.append(size) or real_permutation(size, words))
 
     assert order.locate(10**15 + 17) == expected
     assert order.epoch_of(10**15 + 17) == (10**15 + 17) // 150
@@ -208,8 +209,8 @@ def test_open_shards_stay_within_cache_bound(dataset_dir, shards, cache_shards, 
 
 def test_each_shard_is_opened_once_per_epoch(dataset_dir, shards, monkeypatch):
     opened = []
-    real_stream = data.TokenStream
-    monkeypatch.setattr(data, "TokenStream", lambda path: opened.append(path) or real_stream(path))
+    real_stream = samples_module.TokenStream
+    monkeypatch.setattr(samples_module, "TokenStream", lambda path: opened.append(path) or real_stream(path))
     dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, cache_shards=2, mix_shards=2, shard_chunks=1)
 
     for index in range(dataset.samples_per_epoch):
@@ -225,7 +226,7 @@ def test_each_shard_is_opened_once_per_epoch(dataset_dir, shards, monkeypatch):
 
 
 @pytest.mark.parametrize("num_workers, mix_shards, shard_chunks",
-                         [(0, 2, 1), (2, 2, 1), (0, 3, 4), (2, data.MIX_SHARDS, data.SHARD_CHUNKS), (0, 4, 8)])
+                         [(0, 2, 1), (2, 2, 1), (0, 3, 4), (2, order_module.MIX_SHARDS, order_module.SHARD_CHUNKS), (0, 4, 8)])
 def test_loader_resumed_at_k_continues_the_run_from_zero(dataset_dir, shards, num_workers, mix_shards, shard_chunks):
     dataset = TokenSamples(dataset_dir, shards, SEQ_LEN, SEED, mix_shards=mix_shards, shard_chunks=shard_chunks)
     spe = dataset.samples_per_epoch

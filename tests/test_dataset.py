@@ -17,13 +17,33 @@ import numpy as np
 import pytest
 import torch
 
-import pretrain.dataset as dataset_module
-import pretrain.shard_fetch as shard_fetch
+import pretrain.data.fetch as shard_fetch
+import pretrain.data.format as shard_format
+import pretrain.data.training_data as dataset_module
 from configs import TrainingConfig
-from pretrain.data import LEGACY_ORDER, MIX_SHARDS, SHARD_CHUNKS, OrderSpec, SampleOrder, make_train_loader
-from pretrain.dataset import DATASET_MANIFEST, FrozenShards, prepare_training_data
-from pretrain.shard_fetch import FetchFailed, RangeFile, ReadyGate, ShardFetcher, inspect_remote_shards
-from pretrain.shards import ShardError, ShardInfo, array_header_from_head, read_array_header
+from pretrain.data.fetch import (
+    FetchFailed,
+    RangeFile,
+    ReadyGate,
+    ShardFetcher,
+    inspect_remote_shards,
+)
+from pretrain.data.format import DATASET_JSON as DATASET_MANIFEST
+from pretrain.data.format import (
+    ShardError,
+    ShardInfo,
+    array_header_from_head,
+    read_array_header,
+)
+from pretrain.data.order import (
+    LEGACY_ORDER,
+    MIX_SHARDS,
+    SHARD_CHUNKS,
+    OrderSpec,
+    SampleOrder,
+)
+from pretrain.data.samples import make_train_loader
+from pretrain.data.training_data import FrozenShards, prepare_training_data
 from pretrain.storage import open_storage
 from pretrain.storage.local import LocalStorage
 
@@ -239,8 +259,8 @@ def test_a_bad_shard_late_in_the_order_does_not_delay_start_and_fails_its_reader
     original = np.load(data_dir / bad.path)["input_ids"]
     np.savez(data_dir / bad.path, input_ids=np.full_like(original, VOCAB + 5))  # same size, ids past the vocab
     scanned, scanned_at_start = [], []
-    real_range, real_start = shard_fetch.token_id_range, ShardFetcher.start
-    monkeypatch.setattr(shard_fetch, "token_id_range", lambda p, h: scanned.append(p) or real_range(p, h))
+    real_range, real_start = shard_format.token_id_range, ShardFetcher.start
+    monkeypatch.setattr(shard_format, "token_id_range", lambda p, h: scanned.append(p) or real_range(p, h))
     monkeypatch.setattr(ShardFetcher, "start",
                         lambda self, *args: scanned_at_start.extend(scanned) or real_start(self, *args))
 

@@ -33,20 +33,32 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 from safetensors.torch import load_file
 
 from configs import get_config
-from pretrain.checkpoint import (
+from pretrain.checkpoint.format import (
     MANIFEST,
     MODEL_FILE,
     OPTIMIZER_FILE,
     RNG_FILE,
     STATE_FILE,
-    CheckpointStore,
     load_checkpoint,
     verify_checkpoint,
 )
-from pretrain.launch import ACCELERATE_CONFIG_DIR, build_command, parse_launch_args
-from pretrain.model import build_model
+from pretrain.checkpoint.store import CheckpointStore
+from pretrain.launch.command import (
+    ACCELERATE_CONFIG_DIR,
+    build_command,
+    parse_launch_args,
+)
+from pretrain.model.build import build_model
 from pretrain.storage import open_storage
-from tests.launcher import REPO, RUN_NAME, check, checkpoints, final_weights, launch, logged
+from tests.launcher import (
+    REPO,
+    RUN_NAME,
+    check,
+    checkpoints,
+    final_weights,
+    launch,
+    logged,
+)
 
 LOSS_TOLERANCE = 2e-5
 # Weights: |w_2proc - w_1proc| over the size of the last 3 steps' update, both as norms over all parameters.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.download import download_shards, fetch_shards
+from pretrain.data.download import download_shards, fetch_shards
 from pretrain.storage import open_storage
 from tests.emulators import REPO_ROOT
 

@@ -11,8 +11,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from pretrain.checkpoint import load_checkpoint, verify_checkpoint
-from tests.launcher import REPO, RUN_NAME, check, checkpoints, final_weights, launch, logged
+from pretrain.checkpoint.format import load_checkpoint, verify_checkpoint
+from tests.launcher import (
+    REPO,
+    RUN_NAME,
+    check,
+    checkpoints,
+    final_weights,
+    launch,
+    logged,
+)
 
 pytestmark = pytest.mark.slow
 SHORT = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2"]

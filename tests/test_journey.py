@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import CheckpointStore
+from pretrain.checkpoint.store import CheckpointStore
 from pretrain.preemption import PREEMPTED_EXIT_CODE
 from pretrain.storage import open_storage
 from tests.launcher import Watched, survivors

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launch import build_command, parse_launch_args
+from pretrain.launch.command import build_command, parse_launch_args
 from tests.launcher import REPO, free_port, last_line
 
 
@@ -15,7 +15,7 @@ def command_for(argv, gpus=0, cores=2):
     command, plan = build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=cores)
     launch = command.index("launch")
     script = command.index("train.py")
-    assert command[launch - 3:launch] == ["python", "-m", "pretrain.accelerate_quietly"]
+    assert command[launch - 3:launch] == ["python", "-m", "pretrain.launch.accelerate_quietly"]
     return command[:launch - 3], command[launch + 1:script], command[script + 1:], plan
 
 

@@ -10,10 +10,21 @@ import signal
 import pytest
 import torch
 
-from pretrain.checkpoint import verify_checkpoint
+from pretrain.checkpoint.format import verify_checkpoint
 from pretrain.preemption import PREEMPTED_EXIT_CODE
-from tests.launcher import (RUN_NAME, Watched, check, checkpoints, final_weights, free_port, launch, launcher_command, logged,
-                            survivors, wait_for_step)
+from tests.launcher import (
+    RUN_NAME,
+    Watched,
+    check,
+    checkpoints,
+    final_weights,
+    free_port,
+    launch,
+    launcher_command,
+    logged,
+    survivors,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 COMMON = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2", "--lr-decay-steps", "40", "--save-steps", "1000"]
@@ -85,7 +96,7 @@ def test_a_killed_accelerate_leaves_no_training_process_behind(tmp_path, sample_
     workdir = tmp_path / "run"
     run = Watched(launcher_command(workdir, sample_data, "--max-steps", "40", *COMMON))
     wait_for_step(workdir, 2, run.process, timeout=300)
-    wrapper = [line for line in survivors(str(workdir)) if "pretrain.accelerate_quietly" in line]
+    wrapper = [line for line in survivors(str(workdir)) if "pretrain.launch.accelerate_quietly" in line]
     assert len(wrapper) == 1, wrapper
     os.kill(int(wrapper[0].split(":")[0]), signal.SIGKILL)
     assert run.finish(timeout=180) == PREEMPTED_EXIT_CODE, run.text()[-4000:]

@@ -13,12 +13,16 @@ from pretrain.memory import (
     GIB,
     USABLE_GIB,
     choose_layout,
-    parameter_count,
     plan_for_config,
     plan_memory,
     saved_for_backward_bytes,
 )
-from pretrain.model import build_model, count_parameters, enable_activation_checkpointing
+from pretrain.model.build import (
+    build_model,
+    count_parameters,
+    enable_activation_checkpointing,
+)
+from pretrain.model.families import family_for
 
 PRODUCTION = get_config("production")
 
@@ -60,14 +64,14 @@ def _plan(config=PRODUCTION, **changes):
 def test_parameter_count_matches_the_built_model(name):
     config = get_config(name)
     built = build_model(config.model, device="meta")
-    assert parameter_count(config.model) == count_parameters(built).total_params
+    assert family_for(config.model).parameter_count(config.model) == count_parameters(built).total_params
 
 
 def test_production_ddp_does_not_fit_two_24gb_cards_and_says_why():
     plan = _plan()
     assert plan.verdict == "does not fit"
     # fp32 weights, gradients, AdamW moments and DDP's bucket copy of the gradients: 20 bytes per parameter
-    assert plan.weights + plan.gradients + plan.optimizer + plan.ddp_buckets == 20 * parameter_count(PRODUCTION.model)
+    assert plan.weights + plan.gradients + plan.optimizer + plan.ddp_buckets == 20 * family_for(PRODUCTION.model).parameter_count(PRODUCTION.model)
     text = "\n".join(plan.lines())
     assert "does not fit" in text and "DDP gradient buckets" in text and "22.5 GiB" in text
 

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from configs import TEST_MODEL
-from pretrain.model import (
-    build_model,
-    enable_activation_checkpointing,
-    gpu_peak,
-    peak_flops_per_device,
-    peak_tflops_for_name,
-)
+from pretrain.model.build import build_model, enable_activation_checkpointing
+from pretrain.model.peaks import gpu_peak, peak_flops_per_device, peak_tflops_for_name
 
 # One layer and small widths: inductor's compile time on CPU grows with the number of kernels, not their size.
 TINY = dataclasses.replace(

@@ -7,9 +7,9 @@ from accelerate.state import AcceleratorState
 from configs import CONFIGS, with_changes
 from pretrain import loop
 from pretrain.cli import validate
+from pretrain.data.synthetic import generate_sample_data
 from pretrain.loop import OutOfMemory, Trainer
 from pretrain.preemption import PreemptionFlag
-from pretrain.sample_data import generate_sample_data
 
 
 def test_out_of_memory_becomes_one_line_naming_the_flags(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pretrain.checkpoint import verify_checkpoint
+from pretrain.checkpoint.format import verify_checkpoint
 from pretrain.preemption import PREEMPTED_EXIT_CODE
 from tests.launcher import (
     REPO,

@@ -21,10 +21,10 @@ import pytest
 import zstandard
 from tokenizers import Tokenizer
 
-from pretrain import prepare_data
-from pretrain.prepare_data import document_keys
-from pretrain.sample_text import write_sample_text
-from pretrain.shards import discover_shards, inspect_shards
+from pretrain.data.format import discover_shards, inspect_shards
+from pretrain.prepare import command as prepare_data
+from pretrain.prepare.command import document_keys
+from pretrain.prepare.sample_text import write_sample_text
 from pretrain.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent

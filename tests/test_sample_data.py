@@ -9,8 +9,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pretrain.sample_data import MarkovLanguage, generate_sample_data, loss_floor_nats, main
-from pretrain.shards import discover_shards, inspect_shards, read_array_header
+from pretrain.data.format import discover_shards, inspect_shards, read_array_header
+from pretrain.data.synthetic import (
+    MarkovLanguage,
+    generate_sample_data,
+    loss_floor_nats,
+    main,
+)
 
 VOCAB = 512
 

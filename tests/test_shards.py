@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.shards import (
+from pretrain.data.format import (
     ShardError,
     ShardInfo,
     TokenStream,
@@ -20,8 +20,8 @@ from pretrain.shards import (
     inspect_shards,
     read_array_header,
     split_eval_shards,
-    verify_frozen_shards,
 )
+from pretrain.data.training_data import check_obtainable
 
 SEQ_LEN = 16
 VOCAB = 512
@@ -106,7 +106,7 @@ def test_range_check_can_be_skipped(tmp_path):
 
 
 def test_range_check_spans_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr("pretrain.shards.SCAN_CHUNK_BYTES", 64)
+    monkeypatch.setattr("pretrain.data.format.SCAN_CHUNK_BYTES", 64)
     for compressed in (False, True):
         ids = np.arange(1000, dtype=np.int32) % VOCAB
         ids[777] = VOCAB + 5
@@ -242,17 +242,17 @@ def test_split_holds_out_last_shards():
         split_eval_shards(shards, -1)
 
 
-def test_verify_frozen_shards_detects_missing_and_changed_files(tmp_path):
+def test_a_resume_refuses_frozen_shards_that_went_missing_or_changed(tmp_path):
     write_shard(tmp_path / "a.npz", input_ids=np.arange(64, dtype=np.int32))
     write_shard(tmp_path / "b.npz", input_ids=np.arange(64, dtype=np.int32))
     frozen = inspect_shards(tmp_path, ["a.npz", "b.npz"], SEQ_LEN, VOCAB)
     write_shard(tmp_path / "added_later.npz", input_ids=np.arange(64, dtype=np.int32))
-    verify_frozen_shards(tmp_path, frozen)
+    check_obtainable(tmp_path, tuple(frozen), None, {})
 
     write_shard(tmp_path / "b.npz", input_ids=np.arange(80, dtype=np.int32))
     with pytest.raises(ShardError, match="b.npz: shard has .* bytes but the checkpoint recorded"):
-        verify_frozen_shards(tmp_path, frozen)
+        check_obtainable(tmp_path, tuple(frozen), None, {})
 
     (tmp_path / "a.npz").unlink()
     with pytest.raises(FileNotFoundError, match="a.npz: shard recorded in the checkpoint is missing"):
-        verify_frozen_shards(tmp_path, frozen)
+        check_obtainable(tmp_path, tuple(frozen), None, {})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pretrain.checkpoint import load_checkpoint
+from pretrain.checkpoint.format import load_checkpoint
 from tests.launcher import RUN_NAME, check, checkpoints, launch
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRe
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from pretrain.files import atomic_path
 from pretrain.storage.base import (
     CONNECT_TIMEOUT_SECONDS,
     READ_TIMEOUT_SECONDS,
@@ -18,7 +19,6 @@ from pretrain.storage.base import (
     Storage,
     StorageError,
     StorageOptions,
-    atomic_local_file,
     bucket_and_prefix,
     built_once,
     connection_pool_size,
@@ -103,7 +103,7 @@ class AzureStorage(Storage):
     def download(self, key: str, local_path: Path) -> None:
         name = self._name(key)
         with storage_errors("download of", self.object_url(key), classify_azure_error):
-            with atomic_local_file(local_path) as temp_path, open(temp_path, "wb") as out:
+            with atomic_path(local_path) as temp_path, open(temp_path, "wb") as out:
                 self._container.download_blob(name, max_concurrency=self.options.max_concurrency).readinto(out)
 
     def read_range(self, key: str, start: int, length: int) -> bytes:

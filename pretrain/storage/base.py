@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,9 +17,6 @@ from typing import Any, TypeVar
 # Refused connections fail at once; these bound a silent network (dropped SYNs, stalled reads) per attempt.
 CONNECT_TIMEOUT_SECONDS = 10.0
 READ_TIMEOUT_SECONDS = 120.0
-
-# Suffix of in-flight local files; listings and shard downloads skip names that end with it.
-PARTIAL_SUFFIX = ".partial"
 
 WRITE_PROBE_PREFIX = ".write-check-"
 
@@ -84,20 +80,6 @@ def bucket_and_prefix(url: str) -> tuple[str, str]:
 
 def join_key(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
-
-
-@contextmanager
-def atomic_local_file(local_path: Path) -> Iterator[Path]:
-    """Yields a temp path beside local_path that replaces it on success, so readers never see half a file."""
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=local_path.parent, prefix=f".{local_path.name}.", suffix=PARTIAL_SUFFIX)
-    os.close(handle)
-    temp_path = Path(temp_name)
-    try:
-        yield temp_path
-        os.replace(temp_path, local_path)
-    finally:
-        temp_path.unlink(missing_ok=True)
 
 
 def _check_distinct(what: str, values: list[Any]) -> None:

@@ -6,6 +6,7 @@ import enum
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from pretrain.errors import one_line
 from pretrain.storage.base import StorageError
 from pretrain.storage.redaction import redact
 
@@ -35,9 +36,9 @@ def exception_chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def one_line(text: str) -> str:
-    text = " ".join(redact(text).split())
-    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
+def detail_line(text: str) -> str:
+    """An SDK's detail, redacted, on one line (its lines joined: the informative part is often not the first)."""
+    return one_line(" ".join(redact(text).split()), MAX_DETAIL_CHARS)
 
 
 def describe(kind: Failure, detail: str, not_found: str) -> str:
@@ -69,7 +70,7 @@ def storage_errors(action: str, url: str, classify: Classifier, *, not_found: st
                 kind, detail = classified
                 break
         # "from None": the SDK exception may quote request headers or a SAS URL; its text must not reach a traceback.
-        reason = describe(kind, one_line(detail), not_found)
+        reason = describe(kind, detail_line(detail), not_found)
         raise StorageError(" ".join(redact(f"{action} {url} failed: {reason}").split())) from None
 
 

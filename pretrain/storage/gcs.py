@@ -15,13 +15,13 @@ from google.cloud.storage.exceptions import InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
+from pretrain.files import atomic_path
 from pretrain.storage.base import (
     CONNECT_TIMEOUT_SECONDS,
     READ_TIMEOUT_SECONDS,
     ObjectInfo,
     Storage,
     StorageOptions,
-    atomic_local_file,
     bucket_and_prefix,
     built_once,
     connection_pool_size,
@@ -137,7 +137,7 @@ class GCSStorage(Storage):
             if blob is None:
                 raise api_errors.NotFound("object does not exist")
             part_bytes = min(self.options.multipart_chunk_bytes, _DOWNLOAD_PART_BYTES)
-            with atomic_local_file(local_path) as temp_path:
+            with atomic_path(local_path) as temp_path:
                 if blob.size > part_bytes:
                     # Each part's CRC32C is combined into the object's and checked against the server's.
                     transfer_manager.download_chunks_concurrently(

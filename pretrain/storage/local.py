@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pretrain.files import atomic_path, is_partial
 from pretrain.storage.base import (
-    PARTIAL_SUFFIX,
     ObjectInfo,
     Storage,
     StorageOptions,
-    atomic_local_file,
     validate_key,
 )
 from pretrain.storage.errors import classify_os_error, storage_errors
@@ -40,13 +39,13 @@ class LocalStorage(Storage):
         with storage_errors("upload of", self.object_url(key), classify_os_error,
                             not_found=f"local file {local_path} does not exist"):
             # Copy-then-rename inside the destination folder, so the object appears whole or not at all.
-            with atomic_local_file(target) as temp_path:
+            with atomic_path(target) as temp_path:
                 shutil.copyfile(local_path, temp_path)
 
     def download(self, key: str, local_path: Path) -> None:
         source = self._path(key)
         with storage_errors("download of", self.object_url(key), classify_os_error, not_found="object does not exist"):
-            with atomic_local_file(local_path) as temp_path:
+            with atomic_path(local_path) as temp_path:
                 shutil.copyfile(source, temp_path)
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
@@ -60,7 +59,7 @@ class LocalStorage(Storage):
         with storage_errors("listing of", self.url, classify_os_error):
             for folder, _, names in os.walk(self.root):
                 for name in names:
-                    if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                    if is_partial(name):
                         continue  # an upload still being copied in
                     path = Path(folder) / name
                     key = path.relative_to(self.root).as_posix()

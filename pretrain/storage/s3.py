@@ -9,13 +9,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as aws_errors
 from botocore.config import Config
 
+from pretrain.files import atomic_path
 from pretrain.storage.base import (
     CONNECT_TIMEOUT_SECONDS,
     READ_TIMEOUT_SECONDS,
     ObjectInfo,
     Storage,
     StorageOptions,
-    atomic_local_file,
     bucket_and_prefix,
     built_once,
     connection_pool_size,
@@ -86,7 +86,7 @@ class S3Storage(Storage):
     def download(self, key: str, local_path: Path) -> None:
         name = self._name(key)
         with storage_errors("download of", self.object_url(key), classify_s3_error):
-            with atomic_local_file(local_path) as temp_path:
+            with atomic_path(local_path) as temp_path:
                 self._client.download_file(self.bucket, name, str(temp_path), Config=self._transfer_config)
 
     def read_range(self, key: str, start: int, length: int) -> bytes:

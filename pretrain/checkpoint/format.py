@@ -1,5 +1,4 @@
-"""The checkpoint format: writing a complete folder atomically, verifying it, loading it safely, and the same
-listing, verification and pruning over any `Storage` (the local output folder is one too), with transfers between them.
+"""The checkpoint format: names, writing a complete folder atomically, verifying it, loading it safely.
 
 A folder is a checkpoint only when its manifest (written last, with sizes and CRC32C of every file) is present and
 matches. Nothing read back can execute code: tensors come from safetensors or `torch.load(weights_only=True)`,
@@ -13,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.checksum import crc32c_of_file
-from pretrain.storage import Storage, StorageError
-from pretrain.storage.local import LocalStorage
-from pretrain.train_state import StateFormatError, TrainState
+from pretrain.checkpoint.train_state import StateFormatError, TrainState
+from pretrain.files import file_digest, fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +61,14 @@ class CheckpointPayload:
     state: TrainState
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path, name: str) -> dict[str, Any]:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "crc32c": crc32c_of_file(path)}
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "crc32c": file_digest(path, "crc32c")}
     manifest = {"format_version": FORMAT_VERSION, "name": name, "created_unix": time.time(), "files": files}
     manifest_path = folder / MANIFEST
     manifest_path.write_text(json.dumps(manifest, indent=1))
-    _fsync_file(manifest_path)
+    fsync_file(manifest_path)
     return manifest
 
 
@@ -117,7 +100,7 @@ def write_checkpoint(output_dir: Path, name: str, payload: CheckpointPayload) ->
         os.replace(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(temp, final)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     return final
 
 
@@ -127,9 +110,9 @@ def _write_files(temp: Path, name: str, payload: CheckpointPayload) -> None:
     torch.save(payload.rng_states, temp / RNG_FILE)
     (temp / STATE_FILE).write_text(json.dumps(payload.state.to_json(), indent=1))
     for path in temp.iterdir():
-        _fsync_file(path)
+        fsync_file(path)
     write_manifest(temp, name)
-    _fsync_dir(temp)
+    fsync_dir(temp)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -158,7 +141,7 @@ def verify_checkpoint(folder: Path, check_contents: bool = True) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{path}: {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
-        if check_contents and crc32c_of_file(path) != expected["crc32c"]:
+        if check_contents and file_digest(path, "crc32c") != expected["crc32c"]:
             return f"{path}: checksum does not match the manifest (corrupted)"
     return None
 
@@ -201,123 +184,3 @@ def clean_temp_folders(output_dir: Path) -> None:
         for path in output_dir.iterdir():
             if path.is_dir() and path.name.startswith(TEMP_PREFIX):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-class CheckpointStore:
-    """Checkpoints in one Storage, local folder or bucket alike: list, check against the manifest, prune.
-
-    A listing reports sizes (and CRC32C where the store keeps one), so `problem` is cheap; the full content check of a
-    local copy before a resume is `verify_checkpoint`.
-    """
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-
-    @classmethod
-    def local(cls, output_dir: Path) -> CheckpointStore:
-        return cls(LocalStorage(str(output_dir)))
-
-    @property
-    def url(self) -> str:
-        return self.storage.url
-
-    def names(self) -> list[str]:
-        """Checkpoints whose manifest is present, newest step first (complete or not: see `complete`)."""
-        if isinstance(self.storage, LocalStorage) and not self.storage.root.is_dir():
-            return []
-        found = set()
-        for info in self.storage.list(""):
-            parts = info.key.split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST and NAME_PATTERN.match(parts[0]):
-                found.add(parts[0])
-        return sorted(found, key=step_of, reverse=True)
-
-    def read_manifest(self, name: str) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(prefix="manifest-") as scratch:
-            self.storage.download(f"{name}/{MANIFEST}", Path(scratch) / MANIFEST)
-            return read_manifest(Path(scratch))
-
-    def problem(self, name: str, manifest: dict[str, Any] | None = None) -> str | None:
-        """None when every file of the manifest is stored with its size (and CRC32C where the store reports it)."""
-        try:
-            manifest = manifest or self.read_manifest(name)
-        except (CheckpointError, StorageError) as error:
-            return str(error)
-        stored = {info.key: info for info in self.storage.list(f"{name}/")}
-        for relative, expected in manifest["files"].items():
-            where = f"{self.storage.object_url(name)}/{relative}"
-            info = stored.get(f"{name}/{relative}")
-            if info is None:
-                return f"{where}: listed in the manifest but missing"
-            if info.size != expected["size"]:
-                return f"{where}: {info.size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
-            if info.checksum and info.checksum.startswith("crc32c:") and info.checksum != f"crc32c:{expected['crc32c']}":
-                return f"{where}: checksum does not match the manifest (corrupted)"
-        return None
-
-    def complete(self) -> list[str]:
-        """Checkpoints that pass `problem`, newest first."""
-        return [name for name in self.names() if self.problem(name) is None]
-
-    def prune(self, keep: int, protected: set[str] = frozenset()) -> list[str]:
-        """Deletes all but the newest `keep` complete checkpoints (at least one stays), never a protected one.
-
-        The manifest goes first, so a crash mid-delete leaves something that is plainly not a checkpoint.
-        """
-        deleted = []
-        for name in self.complete()[max(1, keep):]:
-            if name in protected:
-                continue
-            self.storage.delete(f"{name}/{MANIFEST}")
-            for info in self.storage.list(f"{name}/"):
-                self.storage.delete(info.key)
-            if isinstance(self.storage, LocalStorage):
-                shutil.rmtree(self.storage.root / name, ignore_errors=True)  # the emptied folders
-            deleted.append(name)
-        return deleted
-
-
-def upload_checkpoint(folder: Path, remote: CheckpointStore, attempts: int = 3, backoff_seconds: float = 1.0) -> None:
-    """Every file, the manifest last, then the remote copy is checked against the manifest.
-
-    `attempts` per file on top of the SDK's own retries, for failures that escape them mid-transfer.
-    """
-    manifest = read_manifest(folder)
-    for relative in [*manifest["files"], MANIFEST]:
-        key = f"{folder.name}/{relative}"
-        for attempt in range(1, attempts + 1):
-            try:
-                remote.storage.upload(folder / relative, key)
-                break
-            except Exception as error:  # noqa: BLE001 - any transfer failure gets the same bounded retry
-                if attempt == attempts:
-                    raise StorageError(f"{remote.storage.object_url(key)}: upload failed after {attempt} attempts: "
-                                       f"{error}") from error
-                log.warning("upload of %s failed (attempt %d/%d): %s; retrying", key, attempt, attempts, error)
-                time.sleep(backoff_seconds * 2 ** (attempt - 1))
-    problem = remote.problem(folder.name, manifest)
-    if problem:
-        remote.storage.delete(f"{folder.name}/{MANIFEST}")  # an unverifiable copy must not count as a checkpoint
-        raise StorageError(problem)
-
-
-def download_checkpoint(remote: CheckpointStore, name: str, output_dir: Path) -> Path:
-    """Into a temp folder, verified (sizes and checksums) against the manifest, then renamed into place."""
-    temp = output_dir / f"{TEMP_PREFIX}download-{name}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    try:
-        remote.storage.download(f"{name}/{MANIFEST}", temp / MANIFEST)
-        manifest = read_manifest(temp)
-        # Every file at once, each large one in parallel ranged parts: a resume on a new VM waits on this.
-        remote.storage.download_many([(f"{name}/{relative}", temp / relative) for relative in manifest["files"]])
-        problem = verify_checkpoint(temp)
-        if problem:
-            raise CheckpointError(f"{remote.storage.object_url(name)}: {problem.replace(str(temp), 'downloaded copy')}")
-        final = output_dir / name
-        if final.exists():
-            shutil.rmtree(final)  # only reached when the local folder failed verification
-        temp.rename(final)
-        return final
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)

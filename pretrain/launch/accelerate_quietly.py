@@ -7,18 +7,22 @@ the code rank 0 recorded in $PRETRAIN_LAUNCH_DIR/exit_code, or one line of ours 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-EXIT_UNEXPECTED = 1
+from pretrain.errors import one_line
+from pretrain.protocol import (
+    EXIT_UNEXPECTED,
+    LOCAL_RANKS_FILE,
+    record,
+    recorded_exit_code,
+)
 
 # What torchrun's agent logs on an ordinary ending (a preempted or failed rank, the others told to stop): the
 # training has said what happened, so these would only push its line up. "Unable to shutdown" (a SIGKILL) stays.
@@ -44,16 +48,6 @@ def _stop_workers_within_shutdown_timeout(self: LocalElasticAgent, worker_group)
     self._shutdown(timeout=self._shutdown_timeout)
 
 
-def _recorded_exit_code() -> int | None:
-    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
-    if not launch_dir:
-        return None
-    try:
-        return int(Path(launch_dir, "exit_code").read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def _describe(exitcode: int) -> str:
     if exitcode < 0:
         try:
@@ -70,9 +64,8 @@ def _remember_signal(signum: int, frame) -> None:  # noqa: ARG001 - signal handl
 
 def _record_local_ranks(args) -> None:
     """How many rankN.pid files start_training.sh waits for before it passes on a signal that came during start-up."""
-    launch_dir = os.environ.get("PRETRAIN_LAUNCH_DIR")
-    if launch_dir and args.num_processes:
-        Path(launch_dir, "local_ranks").write_text(f"{max(1, args.num_processes // (args.num_machines or 1))}\n")
+    if args.num_processes:
+        record(LOCAL_RANKS_FILE, str(max(1, args.num_processes // (args.num_machines or 1))))
 
 
 def run(argv: list[str]) -> int:
@@ -95,10 +88,9 @@ def run(argv: list[str]) -> int:
     except SignalException as error:
         failure = f"the launcher got {error.sigval.name} and stopped the training processes"
     except Exception as error:  # noqa: BLE001 - e.g. the rendezvous port is taken: one line, not accelerate's traceback
-        message = str(error).strip().splitlines() or [type(error).__name__]
-        print(f"error: accelerate launch failed: {message[0]}", file=sys.stderr)
+        print(f"error: accelerate launch failed: {one_line(error)}", file=sys.stderr)
         return EXIT_UNEXPECTED
-    recorded = _recorded_exit_code()
+    recorded = recorded_exit_code()
     if recorded:
         return recorded  # the training's own last line says why
     print(f"error: {failure} before it could report how it ended; its messages are above", file=sys.stderr)
@@ -107,7 +99,7 @@ def run(argv: list[str]) -> int:
 
 def main() -> None:
     if sys.argv[1:2] != ["launch"]:
-        sys.exit("usage: python -m pretrain.accelerate_quietly launch [accelerate launch flags] script [script flags]")
+        sys.exit("usage: python -m pretrain.launch.accelerate_quietly launch [accelerate launch flags] script [script flags]")
     sys.exit(run(sys.argv[2:]))
 
 

@@ -1,9 +1,10 @@
 """The whole life of a checkpoint behind a few calls: resolve `--resume` and load, decide when to save, write and
 upload in the background, keep the newest few locally and in the bucket, and turn every failure into one line.
 
-Stages and owners: save (this module: when, and the host snapshot) -> write (worker thread, `checkpoint.write_checkpoint`)
--> upload (second worker, `checkpoint.upload_checkpoint`) -> list/prune (`checkpoint.CheckpointStore`, the same code
-for the local folder and the bucket) -> resume (`resume()` here, `checkpoint.download_checkpoint`/`load_checkpoint`).
+Stages and owners: save (this module: when, and the host snapshot) -> write (worker thread, `format.write_checkpoint`)
+-> upload (second worker, `store.upload_checkpoint`) -> list/prune (`store.CheckpointStore` with `retention`, the same
+code for the local folder and the bucket) -> resume (`resume()` here, `store.download_checkpoint`,
+`format.load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,29 +21,38 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
 from configs import TrainingConfig
-from pretrain import rng
 from pretrain.agreement import Signals
-from pretrain.checkpoint import (
+from pretrain.checkpoint import rng
+from pretrain.checkpoint.format import (
     LOGS_PREFIX,
     NAME_PATTERN,
     CheckpointError,
     CheckpointPayload,
-    CheckpointStore,
     checkpoint_name,
     clean_temp_folders,
-    download_checkpoint,
     load_checkpoint,
     step_of,
-    upload_checkpoint,
     verify_checkpoint,
     write_checkpoint,
 )
+from pretrain.checkpoint.retention import prune
+from pretrain.checkpoint.state_dicts import (
+    HostCopies,
+    clean_state_dict,
+    full_optimizer_state,
+    load_full_optimizer_state,
+)
+from pretrain.checkpoint.store import (
+    CheckpointStore,
+    download_checkpoint,
+    upload_checkpoint,
+)
+from pretrain.checkpoint.train_state import TrainState
+from pretrain.checkpoint.worker import Job, Worker
 from pretrain.distributed import on_main
+from pretrain.errors import os_reason
 from pretrain.preemption import Preempted, PreemptionFlag
-from pretrain.state_dicts import HostCopies, clean_state_dict, full_optimizer_state, load_full_optimizer_state
 from pretrain.storage import StorageError, open_storage, storage_options
-from pretrain.train_state import TrainState
-from pretrain.worker import Job, Worker
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +314,7 @@ class Checkpointer:
                 log.warning("upload of %s still running; %s goes up after it and %s will not be uploaded",
                             self.uploader.busy_with()[0], name, dropped.name)
         protected = {name, *(self.uploader.busy_with() if self.uploader else [])}
-        self.local.prune(self.config.save_total_limit, protected)
+        prune(self.local, self.config.save_total_limit, protected)
         log.info("saved %s (%s, written in %.1f s in the background)", folder, reason, time.monotonic() - queued)
 
     def _upload(self, folder: Path) -> None:
@@ -315,7 +325,7 @@ class Checkpointer:
         except Exception as error:
             log.error("UPLOAD FAILED for %s to %s: %s", folder.name, self.remote.url, error)
             raise
-        deleted = self.remote.prune(self.config.remote_save_total_limit)
+        deleted = prune(self.remote, self.config.remote_save_total_limit)
         log.info("uploaded %s to %s in %.1f s%s", folder.name, self.remote.url, time.monotonic() - started,
                  f"; removed old remote {', '.join(deleted)}" if deleted else "")
 
@@ -326,7 +336,7 @@ class Checkpointer:
             raise CheckpointWriteError(self._write_failure_message(name, error))
 
     def _write_failure_message(self, name: str, error: BaseException) -> str:
-        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = os_reason(error)
         kept = next(iter(self.local.complete()), None)
         return (f"could not write checkpoint {name} in {self.output_dir}: {reason}; free disk space or fix "
                 f"permissions, then --resume auto (the last complete checkpoint, {kept or 'none'}, is intact)")

@@ -1,4 +1,5 @@
-"""Token shards on local disk: finding them, validating them once before training, and opening one for reading.
+"""The data format in one place: token shards (finding, writing, validating, opening one for reading) and the
+dataset.json that preparation writes beside them.
 
 A shard is an .npz holding an integer array `input_ids` (1-D, or 2-D read row-major); stored members are memory-mapped.
 """
@@ -7,19 +8,26 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import shutil
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from pretrain.storage.base import atomic_local_file
+from pretrain.files import atomic_path, write_json_atomically
+from pretrain.storage import ObjectInfo, Storage
+from pretrain.storage.local import LocalStorage
 
 ARRAY_NAME = "input_ids"
+SHARD_SUFFIX = ".npz"
+DATASET_JSON = "dataset.json"
+DATASET_FORMAT_VERSION = 1
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 FORMAT_HINT = "see README, Data format"
 SCAN_CHUNK_BYTES = 8 * 1024 * 1024
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
@@ -64,8 +72,14 @@ class ArrayHeader:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+def list_shards(storage: Storage) -> list[ObjectInfo]:
+    """Every shard under the storage's root (a bucket prefix or a local folder, recursively), sorted by key: the one
+    listing of shards, for training, downloading and preparation alike."""
+    return sorted((o for o in storage.list() if o.key.endswith(SHARD_SUFFIX)), key=lambda o: o.key)
+
+
 def discover_shards(data_dir: Path, max_files: int | None = None) -> list[str]:
-    """Relative posix paths of every *.npz under data_dir (recursive), sorted, the first max_files of them."""
+    """Relative posix paths of every shard under data_dir (recursive), sorted, the first max_files of them."""
     if not data_dir.is_dir():
         raise FileNotFoundError(
             f"{data_dir}: data directory does not exist; create it with token shards "
@@ -73,13 +87,27 @@ def discover_shards(data_dir: Path, max_files: int | None = None) -> list[str]:
         )
     if max_files is not None and max_files < 1:
         raise ValueError(f"max_files is {max_files}; expected a positive number of shards or None for all")
-    rel_paths = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*.npz") if p.is_file())
+    rel_paths = [info.key for info in list_shards(LocalStorage(str(data_dir)))]
     if not rel_paths:
         raise FileNotFoundError(
             f"{data_dir}: no .npz shards found (searched recursively); expected files holding an integer "
             f"array {ARRAY_NAME} ({FORMAT_HINT}); run `python -m pretrain.sample_data --out {data_dir}` for sample data"
         )
     return rel_paths[:max_files]
+
+
+def write_shard(path: Path, ids: np.ndarray, compressed: bool = False) -> None:
+    """The one shard writer: an .npz holding input_ids, written atomically and byte-identical for identical ids
+    (np.savez stamps the current time). Uncompressed shards are memory-mapped by training; compressed ones are
+    decompressed once into a copy beside them (see README, Data format)."""
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+        with zipfile.ZipFile(handle, mode="w", compression=method, allowZip64=True) as archive:
+            info = zipfile.ZipInfo(f"{ARRAY_NAME}.npy", date_time=ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.compress_type = method
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(ids), allow_pickle=False)
 
 
 def inspect_shards(
@@ -97,7 +125,7 @@ def inspect_shards(
         header = read_array_header(path)
         check_header(path, header, seq_len)
         if check_token_range:
-            check_token_ids(path, header, vocab_size)
+            validated_id_range(path, header, vocab_size)
         infos.append(ShardInfo(path=rel_path, num_tokens=header.num_tokens, size_bytes=path.stat().st_size))
     return infos
 
@@ -113,24 +141,6 @@ def split_eval_shards(shards: list[ShardInfo], eval_shards: int) -> tuple[list[S
         )
     cut = len(shards) - eval_shards
     return shards[:cut], shards[cut:]
-
-
-def verify_frozen_shards(data_dir: Path, shards: list[ShardInfo]) -> None:
-    """On resume: every shard the run was started with must still exist with the same size."""
-    missing = [s for s in shards if not (data_dir / s.path).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{data_dir / missing[0].path}: shard recorded in the checkpoint is missing ({len(missing)} of "
-            f"{len(shards)} frozen shards missing); resuming needs the exact shards the run started with, "
-            f"so restore them or start a new run"
-        )
-    for shard in shards:
-        size = (data_dir / shard.path).stat().st_size
-        if size != shard.size_bytes:
-            raise ShardError(
-                f"{data_dir / shard.path}: shard has {size} bytes but the checkpoint recorded {shard.size_bytes}; "
-                f"resuming needs the exact shards the run started with, so restore the original file or start a new run"
-            )
 
 
 def read_array_header(path: Path) -> ArrayHeader:
@@ -210,12 +220,15 @@ def check_header(path: Path, header: ArrayHeader, seq_len: int) -> None:
         )
 
 
-def check_token_ids(path: Path, header: ArrayHeader, vocab_size: int) -> None:
-    """Every id must satisfy 0 <= id < vocab_size; a chunked min/max scan keeps memory flat."""
+def validated_id_range(path: Path, header: ArrayHeader, vocab_size: int) -> tuple[int, int]:
+    """(lowest, highest) id, checked against 0 <= id < vocab_size; ShardError naming the file otherwise. A dtype that
+    cannot hold an out-of-range id answers from the dtype alone; others cost one chunked pass (memory stays flat)."""
     info = np.iinfo(header.dtype)
     if info.min >= 0 and info.max < vocab_size:
-        return
-    check_token_range(path, token_id_range(path, header), vocab_size)
+        return 0, int(info.max)
+    id_range = token_id_range(path, header)
+    check_token_range(path, id_range, vocab_size)
+    return id_range
 
 
 def token_id_range(path: Path, header: ArrayHeader) -> tuple[int, int]:
@@ -285,7 +298,7 @@ def _decompressed_copy(path: Path) -> Path | None:
     if copy.is_file():
         return copy
     try:
-        with atomic_local_file(copy) as partial, zipfile.ZipFile(path) as archive, \
+        with atomic_path(copy) as partial, zipfile.ZipFile(path) as archive, \
                 archive.open(_find_member(path, archive)) as stream, open(partial, "wb") as out:
             shutil.copyfileobj(stream, out, SCAN_CHUNK_BYTES)  # the member is itself a whole .npy file
     except OSError:
@@ -379,3 +392,77 @@ def _iter_token_chunks(path: Path, header: ArrayHeader):
                 )
             yield np.frombuffer(raw, dtype=header.dtype)
             remaining -= count
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    """dataset.json: written by preparation beside the shards (last, so its presence means a complete set), read by
+    training for token counts without touching the shards, for the vocabulary and for the tokenizer file."""
+
+    shards: tuple[ShardInfo, ...]
+    vocab_size: int | None = None
+    eos_token_id: int | None = None
+    tokenizer_file: str | None = None
+    tokenizer_sha256: str | None = None
+    details: dict = field(default_factory=dict)  # dtype, seq_len_hint, sources, totals, packing_efficiency, seed
+
+    def to_json(self) -> dict:
+        tokenizer = {"file": self.tokenizer_file, "sha256": self.tokenizer_sha256} if self.tokenizer_file else None
+        values = {"format_version": DATASET_FORMAT_VERSION, "tokenizer": tokenizer, "vocab_size": self.vocab_size,
+                  "eos_token_id": self.eos_token_id}
+        values.update({key: self.details[key] for key in ("dtype", "seq_len_hint") if key in self.details})
+        values["shards"] = [s.to_dict() for s in self.shards]
+        values.update({key: value for key, value in self.details.items() if key not in values})
+        return values
+
+    def write(self, folder: Path) -> Path:
+        path = folder / DATASET_JSON
+        write_json_atomically(path, self.to_json())
+        return path
+
+    def counts_for(self, sizes: dict[str, int]) -> dict[str, ShardInfo]:
+        """The listed shards that still have the size listed (by path); a shard rewritten since falls back to its
+        header."""
+        return {s.path: s for s in self.shards if sizes.get(s.path) == s.size_bytes}
+
+    def check_vocab(self, name: str, vocab_size: int) -> None:
+        if self.vocab_size is not None and self.vocab_size > vocab_size:
+            raise ValueError(
+                f"{name}: the shards were tokenized with vocab_size {self.vocab_size}, larger than the model's "
+                f"--vocab-size {vocab_size}; pass --vocab-size {self.vocab_size} (or more)"
+            )
+
+
+def read_dataset_json(path: Path, name: str | None = None) -> DatasetManifest | None:
+    """The manifest at `path`, None when there is none; a damaged or foreign one is a one-line ValueError (`name`:
+    how errors call it, e.g. its bucket URL)."""
+    name = name or str(path)
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+        version = values["format_version"]
+        shards = tuple(ShardInfo.from_dict(entry) for entry in values["shards"])
+        tokenizer = values.get("tokenizer") or {}
+        vocab = values.get("vocab_size")
+        eos = values.get("eos_token_id")
+        manifest = DatasetManifest(
+            shards=shards, vocab_size=None if vocab is None else int(vocab), eos_token_id=None if eos is None else int(eos),
+            tokenizer_file=str(tokenizer["file"]) if tokenizer.get("file") else None,
+            tokenizer_sha256=tokenizer.get("sha256"),
+            details={k: v for k, v in values.items() if k not in _MANIFEST_KEYS},
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{name}: not a readable dataset manifest ({type(error).__name__}: {error}); re-create it with "
+            f"`python -m pretrain.prepare_data` or delete it (token counts then come from the shard headers)"
+        ) from None
+    if version != DATASET_FORMAT_VERSION:
+        raise ValueError(
+            f"{name}: format_version {version} is unknown (this code reads {DATASET_FORMAT_VERSION}); "
+            f"re-create it with this version's `python -m pretrain.prepare_data`"
+        )
+    return manifest
+
+
+_MANIFEST_KEYS = ("format_version", "tokenizer", "vocab_size", "eos_token_id", "shards")

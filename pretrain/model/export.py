@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from pretrain.state_dicts import clean_state_dict, snapshot
-from pretrain.tokenizer import load_tokenizer
+from pretrain.checkpoint.state_dicts import clean_state_dict, snapshot
+from pretrain.errors import os_reason
+from pretrain.prepare.tokenizer import load_tokenizer
 
 EXPORT_DIR_NAME = "final-model"
 
@@ -37,8 +38,7 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, output_dir: P
                 save_tokenizer(tokenizer_dir, temp, unwrapped.config)
         except Exception as error:  # safetensors reports a full disk as SafetensorError, torch as RuntimeError
             shutil.rmtree(temp, ignore_errors=True)
-            reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise OSError(f"could not export the final model to {final}: {reason}; the checkpoints are complete: "
+            raise OSError(f"could not export the final model to {final}: {os_reason(error)}; the checkpoints are complete: "
                           f"free disk space and run the same command again to export") from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temp, final)

@@ -4,25 +4,34 @@ with the shards the first steps need local and validated and the rest fetched in
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.data import LEGACY_ORDER, OrderSpec, TokenSamples
+from pretrain.data.fetch import (
+    ReadyGate,
+    ShardFetcher,
+    inspect_local_headers,
+    inspect_remote_shards,
+)
+from pretrain.data.format import (
+    DATASET_JSON,
+    DatasetManifest,
+    ShardError,
+    ShardInfo,
+    discover_shards,
+    list_shards,
+    read_dataset_json,
+    split_eval_shards,
+)
+from pretrain.data.order import LEGACY_ORDER, OrderSpec
+from pretrain.data.samples import TokenSamples
 from pretrain.distributed import on_local_main, on_main
-from pretrain.sample_corpus import write_sample_corpus
-from pretrain.shard_fetch import ReadyGate, ShardFetcher, inspect_local_headers, inspect_remote_shards
-from pretrain.shards import ShardError, ShardInfo, discover_shards, split_eval_shards
+from pretrain.files import file_digest
 from pretrain.storage import ObjectInfo, Storage, open_storage, storage_options
 
 log = logging.getLogger(__name__)
-
-DATASET_MANIFEST = "dataset.json"
-MANIFEST_FORMAT_VERSION = 1
-SHARD_SUFFIX = ".npz"
 
 
 @dataclass(frozen=True)
@@ -125,34 +134,28 @@ def find_tokenizer(config) -> Path | None:
     """The folder holding the tokenizer file dataset.json names (fetched from the bucket when missing and checked
     against its sha256), or None when the data has no manifest or it names no tokenizer."""
     data_dir = Path(config.data_dir)
-    manifest_path = data_dir / DATASET_MANIFEST
+    manifest_path = data_dir / DATASET_JSON
     storage = open_storage(config.data_bucket, storage_options(config)) if config.data_bucket else None
     if not manifest_path.is_file() and storage is not None:
         read_manifest_from_bucket(storage, data_dir)
-    manifest = read_manifest(manifest_path)
-    tokenizer = (manifest or {}).get("tokenizer") or {}
-    if not tokenizer.get("file"):
+    manifest = read_dataset_json(manifest_path)
+    if manifest is None or manifest.tokenizer_file is None:
         return None
-    path = data_dir / str(tokenizer["file"])
-    expected = tokenizer.get("sha256")
-    if storage is not None and (not path.is_file() or (expected and _sha256(path) != expected)):
-        storage.download(str(tokenizer["file"]), path)
+    path = data_dir / manifest.tokenizer_file
+    expected = manifest.tokenizer_sha256
+    if storage is not None and (not path.is_file() or (expected and file_digest(path) != expected)):
+        storage.download(manifest.tokenizer_file, path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: {manifest_path} names this tokenizer file but it is missing; copy it beside the shards or "
             f"re-create the data with `python -m pretrain.prepare_data`"
         )
-    if expected and _sha256(path) != expected:
+    if expected and file_digest(path) != expected:
         raise ValueError(
             f"{path}: sha256 differs from the one {manifest_path} records; the shards were made with another "
             f"tokenizer: restore the right file or re-create the data with `python -m pretrain.prepare_data`"
         )
     return path.parent
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def start_fetching(config, gate: ReadyGate, frozen: FrozenShards, first: list[ShardInfo],
@@ -210,24 +213,22 @@ def freeze_shards(config) -> FrozenShards:
         objects = list_shards(storage)[:max_files]
     if objects:
         manifest = read_manifest_from_bucket(storage, data_dir)
-        known = _manifest_counts(manifest, {o.key: o.size for o in objects})
+        known = manifest.counts_for({o.key: o.size for o in objects}) if manifest else {}
         unknown = [o for o in objects if o.key not in known]
         inspected = {s.path: s for s in inspect_remote_shards(storage, unknown, config.seq_len)}
         shards = [known.get(o.key) or inspected[o.key] for o in objects]
-        manifest_name = storage.object_url(DATASET_MANIFEST)
+        manifest_name = storage.object_url(DATASET_JSON)
     else:
-        has_shards = data_dir.is_dir() and any(data_dir.rglob(f"*{SHARD_SUFFIX}"))
-        if config.generate_sample_data and not has_shards:
-            write_sample_corpus(config.sample_corpus, data_dir, vocab_size=config.model.vocab_size, seed=config.seed)
         rel_paths = discover_shards(data_dir, max_files)
-        manifest = read_manifest(data_dir / DATASET_MANIFEST)
-        known = _manifest_counts(manifest, {p: (data_dir / p).stat().st_size for p in rel_paths})
+        manifest = read_dataset_json(data_dir / DATASET_JSON)
+        sizes = {p: (data_dir / p).stat().st_size for p in rel_paths}
+        known = manifest.counts_for(sizes) if manifest else {}
         inspected = {s.path: s for s in inspect_local_headers(data_dir, [p for p in rel_paths if p not in known],
                                                                config.seq_len)}
         shards = [known.get(p) or inspected[p] for p in rel_paths]
-        manifest_name = str(data_dir / DATASET_MANIFEST)
+        manifest_name = str(data_dir / DATASET_JSON)
     if manifest is not None:
-        _check_manifest_vocab(manifest_name, manifest, config.model.vocab_size)
+        manifest.check_vocab(manifest_name, config.model.vocab_size)
     for shard in shards:
         if shard.num_samples(config.seq_len) == 0:
             raise ShardError(
@@ -240,58 +241,9 @@ def freeze_shards(config) -> FrozenShards:
     return FrozenShards(train=tuple(train), eval=tuple(evaluation), order=order)
 
 
-def list_shards(storage: Storage) -> list[ObjectInfo]:
-    return sorted((o for o in storage.list() if o.key.endswith(SHARD_SUFFIX)), key=lambda o: o.key)
-
-
-def read_manifest_from_bucket(storage: Storage, data_dir: Path) -> dict | None:
+def read_manifest_from_bucket(storage: Storage, data_dir: Path) -> DatasetManifest | None:
     """dataset.json from the bucket, kept beside the local shards too."""
-    if not storage.exists(DATASET_MANIFEST):
+    if not storage.exists(DATASET_JSON):
         return None
-    storage.download(DATASET_MANIFEST, data_dir / DATASET_MANIFEST)
-    return read_manifest(data_dir / DATASET_MANIFEST, storage.object_url(DATASET_MANIFEST))
-
-
-def read_manifest(path: Path, name: str | None = None) -> dict | None:
-    name = name or str(path)
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        version = manifest["format_version"]
-        entries = manifest["shards"]
-        for entry in entries:
-            str(entry["path"]), int(entry["num_tokens"]), int(entry["size_bytes"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{name}: not a readable dataset manifest ({type(error).__name__}: {error}); re-create it with "
-            f"`python -m pretrain.prepare_data` or delete it (token counts then come from the shard headers)"
-        ) from None
-    if version != MANIFEST_FORMAT_VERSION:
-        raise ValueError(
-            f"{name}: format_version {version} is unknown (this code reads {MANIFEST_FORMAT_VERSION}); "
-            f"re-create it with this version's `python -m pretrain.prepare_data`"
-        )
-    return manifest
-
-
-def _manifest_counts(manifest: dict | None, sizes: dict[str, int]) -> dict[str, ShardInfo]:
-    """ShardInfo for each shard the manifest lists with the size the shard has now; a shard rewritten since the
-    manifest was made falls back to its header."""
-    if manifest is None:
-        return {}
-    counts = {}
-    for entry in manifest["shards"]:
-        path, size = str(entry["path"]), int(entry["size_bytes"])
-        if sizes.get(path) == size:
-            counts[path] = ShardInfo(path=path, num_tokens=int(entry["num_tokens"]), size_bytes=size)
-    return counts
-
-
-def _check_manifest_vocab(name: str, manifest: dict, vocab_size: int) -> None:
-    data_vocab = manifest.get("vocab_size")
-    if data_vocab is not None and int(data_vocab) > vocab_size:
-        raise ValueError(
-            f"{name}: the shards were tokenized with vocab_size {data_vocab}, larger than the model's --vocab-size "
-            f"{vocab_size}; pass --vocab-size {data_vocab} (or more)"
-        )
+    storage.download(DATASET_JSON, data_dir / DATASET_JSON)
+    return read_dataset_json(data_dir / DATASET_JSON, storage.object_url(DATASET_JSON))

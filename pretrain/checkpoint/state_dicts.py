@@ -9,7 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -45,7 +49,9 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(clean_state_dict(state), strict=False)
-    tied = {"embed_out.weight"} if model.config.tie_word_embeddings else set()
+    # A tied output projection is the input embedding under a second name: a state may hold it under either.
+    embedding = model.get_input_embeddings().weight
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False) if p is embedding}
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 

@@ -7,14 +7,22 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pretrain import prepare_data
-from pretrain.sample_data import generate_sample_data
-from pretrain.sample_text import write_sample_text
+from pretrain.data.format import list_shards
+from pretrain.data.synthetic import generate_sample_data
+from pretrain.prepare import command as prepare_data
+from pretrain.prepare.sample_text import write_sample_text
+from pretrain.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 
 TEXT_BYTES = 2 * 1024 * 1024
 SHARDS = 8  # enough for one held-out shard and a 16-shard mixing window that still fits in the first step
+
+
+def ensure_demo_corpus(kind: str, data_dir: Path, vocab_size: int, seed: int) -> None:
+    """Writes the demo corpus of `kind` into data_dir when it holds no shard (the embedded default job)."""
+    if not (data_dir.is_dir() and list_shards(LocalStorage(str(data_dir)))):
+        write_sample_corpus(kind, data_dir, vocab_size, seed)
 
 
 def write_sample_corpus(kind: str, data_dir: Path, vocab_size: int, seed: int) -> None:

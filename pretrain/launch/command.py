@@ -1,6 +1,6 @@
 """Builds the `accelerate launch ... train.py ...` command for start_training.sh.
 
-Prints it NUL-separated (as `env K=V ... python -m pretrain.accelerate_quietly launch ...`: accelerate launch with
+Prints it NUL-separated (as `env K=V ... python -m pretrain.launch.accelerate_quietly launch ...`: accelerate launch with
 one-line errors) so the shell runs it without re-parsing;
 the human-readable plan goes to stderr. Config flags are validated here, before anything is spawned.
 """
@@ -16,7 +16,13 @@ from pathlib import Path
 
 from configs import TrainingConfig
 from pretrain.cli import parse_config
-from pretrain.memory import Layout, measured_gpu_memory_gib, plan_for_config, with_layout
+from pretrain.memory import (
+    Layout,
+    measured_gpu_memory_gib,
+    plan_for_config,
+    with_layout,
+)
+from pretrain.model.families import family_for
 from pretrain.plan import RunPlan
 
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
@@ -101,7 +107,7 @@ def choose_layout_for(request: LaunchRequest, config: TrainingConfig, gpus: int)
 
 
 def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -> tuple[list[str], list[str]]:
-    """(command, plan lines). The command is `env K=V ... python -m pretrain.accelerate_quietly launch [flags] train.py
+    """(command, plan lines). The command is `env K=V ... python -m pretrain.launch.accelerate_quietly launch [flags] train.py
     [train flags]`; empty for a dry run, whose whole plan is in the lines."""
     config = parse_config(request.train_args)
     gpus = available_gpus if request.gpus is None else request.gpus
@@ -127,6 +133,9 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
                        str(layout.accumulation), "--gradient-checkpointing", str(layout.activation_checkpointing).lower()]
         config = with_layout(config, layout)
         flags += ["--config_file", str(accelerate_config_file(gpus, layout.strategy, request.nodes))]
+        if layout.strategy == "fsdp":
+            # One FSDP unit per block: the block class is the model family's (the files name no architecture).
+            flags += ["--fsdp_transformer_layer_cls_to_wrap", family_for(config.model).layer_class_name]
         flags += ["--num_processes", str(gpus * request.nodes), "--mixed_precision", precision]
         if request.nodes > 1:
             flags += [
@@ -152,7 +161,7 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
     if processes > 1:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(math.ceil(config.preemption_grace_seconds) + SHUTDOWN_MARGIN_SECONDS)
     plan = [*RunPlan(config, processes, cuda=bool(gpus)).lines(), *memory_lines]
-    command = ["python", "-m", "pretrain.accelerate_quietly", "launch", *flags, "train.py", *train_args]
+    command = ["python", "-m", "pretrain.launch.accelerate_quietly", "launch", *flags, "train.py", *train_args]
     env_words = [f"{key}={value}" for key, value in env.items()]
     return ["env", *env_words, *command], plan
 
@@ -160,7 +169,10 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
 def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> list[str]:
     """The whole plan without allocating anything or needing the GPUs: the model on the meta device, the memory plan
     (with --gpu-memory-gb on a machine without them) and the layout auto would pick."""
-    from pretrain.model import build_model, count_parameters  # transformers: only for a dry run
+    from pretrain.model.build import (  # transformers: only for a dry run
+        build_model,
+        count_parameters,
+    )
 
     lines = ["dry run: nothing is allocated or trained"]
     memory_lines: list[str] = []
@@ -186,7 +198,3 @@ def main(argv: list[str] | None = None) -> int:
     if command:
         sys.stdout.write("\0".join(command) + "\0")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,19 +14,18 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from pretrain.download import is_intact, local_path_for
-from pretrain.shards import (
+from pretrain.data.download import is_intact, local_path_for
+from pretrain.data.format import (
     ShardError,
     ShardInfo,
     array_header_from_head,
     check_header,
-    check_token_range,
     read_array_header,
     read_array_header_from,
-    token_id_range,
+    validated_id_range,
 )
+from pretrain.errors import one_line
+from pretrain.files import write_atomically
 from pretrain.storage import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ class ReadyGate:
         pid, reported = self._reported
         if not self.reports_progress or (pid == os.getpid() and mark <= reported):
             return
-        _write_atomically(self.status_path(f"reading-{os.getpid()}"), str(mark))
+        write_atomically(self.status_path(f"reading-{os.getpid()}"), str(mark))
         self._reported = (os.getpid(), mark)
 
     def wait_ready(self, rel_path: str) -> None:
@@ -268,9 +267,9 @@ class ShardFetcher:
             for thread in threads:
                 thread.join(HEARTBEAT_SECONDS / len(threads))
         if errors:
-            _write_atomically(self.gate.status_path("error"), errors[0] + "\n")
+            write_atomically(self.gate.status_path("error"), errors[0] + "\n")
         elif not self._stop.is_set():
-            _write_atomically(self.gate.status_path("done"), "")
+            write_atomically(self.gate.status_path("done"), "")
 
     def _touch_heartbeat(self) -> None:
         path = self.gate.status_path("alive")
@@ -304,15 +303,10 @@ class ShardFetcher:
                 f"{path}: shard holds {header.num_tokens} tokens but the run recorded {shard.num_tokens}; "
                 f"restore the original file or start a new run"
             )
-        info = np.iinfo(header.dtype)
-        if info.min >= 0 and info.max < gate.vocab_size:
-            id_range = (0, int(info.max))  # the dtype cannot hold an out-of-range id: no need to read the tokens
-        else:
-            id_range = token_id_range(path, header)
-            check_token_range(path, id_range, gate.vocab_size)
+        id_range = validated_id_range(path, header, gate.vocab_size)
         marker = {"format": MARKER_FORMAT, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                   "num_tokens": header.num_tokens, "min_id": id_range[0], "max_id": id_range[1]}
-        _write_atomically(gate.marker_path(shard.path), json.dumps(marker))
+        write_atomically(gate.marker_path(shard.path), json.dumps(marker))
         self.made_ready.append(shard.path)
 
 
@@ -403,15 +397,3 @@ def _remove_old_status_files(checked_dir: Path) -> None:
                 path.unlink()
         except OSError:
             pass  # another node's fetcher removed it first
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
