@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.checkpoint.format import verify_checkpoint
-from pretrain.preemption import PREEMPTED_EXIT_CODE
+from pretrain.protocol import EXIT_PREEMPTED
 from tests.launcher import (
     REPO,
     RUN_NAME,
@@ -41,7 +41,7 @@ def test_sigterm_writes_an_emergency_checkpoint_exits_75_and_resumes_exactly(tmp
     run = Watched(launcher_command(interrupted, sample_data, "--max-steps", "40", "--save-steps", "1000", *COMMON))
     wait_for_step(interrupted, 3, run.process)
     run.process.send_signal(signal.SIGTERM)  # to start_training.sh, which forwards it to the training process
-    assert run.process.wait(timeout=120) == PREEMPTED_EXIT_CODE, run.text()[-3000:]
+    assert run.process.wait(timeout=120) == EXIT_PREEMPTED, run.text()[-3000:]
     assert "forwarding SIGTERM" in run.text() and "SIGTERM received" in run.text()
 
     saved = checkpoints(interrupted)
@@ -81,7 +81,7 @@ def test_sigint_reaches_the_training_when_the_launcher_started_with_sigint_ignor
     run = Watched(ignoring)
     wait_for_step(workdir, 3, run.process)
     run.process.send_signal(signal.SIGINT)
-    assert run.process.wait(timeout=120) == PREEMPTED_EXIT_CODE, run.text()[-3000:]
+    assert run.process.wait(timeout=120) == EXIT_PREEMPTED, run.text()[-3000:]
     assert "SIGINT received" in run.text()
 
 
