@@ -20,9 +20,9 @@ if __package__ in (None, ""):
 
 import psutil
 
-from pretrain.prepare.command import default_workers
 from pretrain.prepare.sample_text import write_sample_text
 from pretrain.prepare.tokenizer import train_byte_level_bpe
+from pretrain.prepare.tokenizing import default_workers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RSS_POLL_SECONDS = 0.02

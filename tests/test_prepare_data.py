@@ -5,6 +5,7 @@ random moments resumes to byte-identical output, every input format and a bucket
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,11 @@ from tokenizers import Tokenizer
 
 from pretrain.data.format import discover_shards, inspect_shards
 from pretrain.prepare import command as prepare_data
-from pretrain.prepare.command import document_keys
+from pretrain.prepare import readers, tokenizing
+from pretrain.prepare.inputs import materialize_inputs, plan_inputs
 from pretrain.prepare.sample_text import write_sample_text
-from pretrain.storage import open_storage
+from pretrain.prepare.shuffle import document_keys
+from pretrain.storage import StorageOptions, open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET_KEYS = {"format_version", "tokenizer", "vocab_size", "eos_token_id", "dtype", "seq_len_hint", "shards",
@@ -120,9 +124,9 @@ def test_real_text_round_trips_in_the_seeded_order(corpus: Path, trained: Path):
 
 def test_order_does_not_depend_on_workers_or_how_work_is_split(corpus: Path, trained: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(prepare_data, "UNIT_BYTES", 10_000)
-    monkeypatch.setattr(prepare_data, "PART_TOKENS", 3_000)
-    monkeypatch.setattr(prepare_data, "ENCODE_BATCH_CHARS", 5_000)
+    monkeypatch.setattr(readers, "UNIT_BYTES", 10_000)
+    monkeypatch.setattr(tokenizing, "PART_TOKENS", 3_000)
+    monkeypatch.setattr(tokenizing, "ENCODE_BATCH_CHARS", 5_000)
     out = tmp_path / "out"
     code = prepare_data.main([str(corpus), "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"),
                               "--shard-tokens", "7000", "--bucket-tokens", "5000", "--workers", "1",
@@ -231,6 +235,64 @@ def test_every_input_format(form: str, small_docs: list[str], trained: Path, tmp
     assert sorted(decoded) == sorted(small_docs)
     assert decoded != small_docs
     assert meta["totals"]["documents"] == len(small_docs)
+
+
+MD_BREAK = b"\n---\n"
+
+
+def read_markdown(source: readers.Source, span: readers.Span, text_field: str,
+                  separator: str | None) -> Iterator[readers.Document]:
+    """A toy format: one document per `---`-separated section of a .md file, at the section's byte offset."""
+    position = 0
+    for section in Path(source.path).read_bytes().split(MD_BREAK):
+        yield source.index, position, section.decode(), len(section) + len(MD_BREAK)
+        position += len(section) + len(MD_BREAK)
+
+
+def test_a_new_input_format_is_one_registry_entry(small_docs: list[str], trained: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    sections = {"a.md": small_docs[:12], "b.MD": small_docs[12:20]}
+    for name, texts in sections.items():
+        (notes / name).write_bytes(MD_BREAK.join(t.encode() for t in texts))
+    (notes / "c.rst").write_text("not an input")
+    common = ["--tokenizer", str(trained / "tokenizer.json"), "--workers", "1"]
+
+    assert readers.kind_of("a.md") is None
+    assert prepare_data.main([str(notes / "a.md"), "--out", str(tmp_path / "refused"), *common]) == 2
+    assert "unsupported file type" in capsys.readouterr().err
+
+    monkeypatch.setitem(readers.FORMATS, "markdown", readers.Format("markdown", (".md",), read_markdown))
+    # Recognising and planning: the folder's .md files (any case) are inputs, each its own unit.
+    assert readers.kind_of("notes/B.MD") == "markdown"
+    sources = materialize_inputs(plan_inputs([str(notes)], StorageOptions()), tmp_path / "work")
+    assert [(Path(s.url).name, s.kind) for s in sources] == [("a.md", "markdown"), ("b.MD", "markdown")]
+    units = readers.plan_units(sources, "text", None)
+    assert [u.sources for u in units] == [(0,), (1,)]
+    # Reading: the sections, at their byte offsets.
+    read = list(readers.read_unit(sources, units[1], "text", None))
+    assert [text for _, _, text, _ in read] == sections["b.MD"]
+    assert [position for _, position, _, _ in read] == [0, *itertools.accumulate(
+        len(t.encode()) + len(MD_BREAK) for t in sections["b.MD"][:-1])]
+    # Preparing: every section is a document, in the seeded order of (source index, byte offset).
+    out = tmp_path / "out"
+    assert prepare_data.main([str(notes), "--out", str(out), *common]) == 0
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    meta, documents = decoded_documents(out)
+    every = [document for unit in units for document in readers.read_unit(sources, unit, "text", None)]
+    assert [text for _, _, text, _ in every] == [t for texts in sections.values() for t in texts]
+    keys = document_keys(0, np.array([d[0] for d in every]), np.array([d[1] for d in every], dtype=np.uint64))
+    assert [tokenizer.decode(d.tolist()) for d in documents] == [every[i][2] for i in np.argsort(keys, kind="stable")]
+    assert [s["url"] for s in meta["sources"]] == [str(notes / "a.md"), str(notes / "b.MD")]
+    # Every message that lists the formats, and the help, take it from the registry.
+    capsys.readouterr()
+    assert prepare_data.main([str(notes / "c.rst"), "--out", str(tmp_path / "refused"), *common]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "unsupported file type; expected .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .md")
+    assert prepare_data.main([str(notes / "*.rst"), "--out", str(tmp_path / "refused"), *common]) == 2
+    assert "matches no .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .md file" in capsys.readouterr().err
+    assert ".md" in " ".join(prepare_data.build_parser().format_help().split())
 
 
 def test_output_to_a_bucket_url(corpus: Path, trained: Path, tmp_path: Path):
