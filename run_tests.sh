@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Sets up what the tests need (venv, test dependencies, Azurite) when missing, then runs the whole suite.
-#   ./run_tests.sh                 everything
-#   ./run_tests.sh -k storage      any pytest arguments
+# Sets up what the tests need (venv, test dependencies, Azurite) when missing, then runs them.
+#   ./run_tests.sh                 the fast loop: unit and in-process tests (a few minutes)
+#   ./run_tests.sh --all           everything: through the launcher, the storage emulators, the journeys and the
+#                                  stress tests (what CI runs)
+#   ./run_tests.sh --all -k storage   any pytest arguments after
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh --dev --quiet
-exec .venv/bin/python -m pytest "$@"
+if [ "${1:-}" = "--all" ]; then
+  shift
+  exec .venv/bin/python -m pytest "$@"
+fi
+exec .venv/bin/python -m pytest -m "not slow" "$@"

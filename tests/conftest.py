@@ -17,3 +17,16 @@ def sample_data(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pretrain.sample_data", "--out", str(data_dir)], cwd=REPO, check=True,
                    capture_output=True)
     return data_dir
+
+
+# Fixtures that start a storage emulator (directly, or for any provider but "file"); their tests are beyond the fast loop.
+EMULATOR_FIXTURES = {"s3_emulator", "gcs_emulator", "fake_gcs_emulator", "azurite_emulator", "storage_env",
+                     "fault_proxy", "new_bucket"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        provider = getattr(getattr(item, "callspec", None), "params", {}).get("provider")
+        if names & EMULATOR_FIXTURES and provider != "file":
+            item.add_marker(pytest.mark.slow)
