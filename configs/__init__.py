@@ -12,23 +12,27 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the model, with transformers' own field names; model_type picks the family (pretrain/model/), which
-    maps these fields to its transformers config and ignores those it has no use for."""
+    maps these fields to its transformers config. A field left unset (None) takes the family's default; a field
+    marked "gpt_neox only" or "llama only" must keep its default under the other family (the CLI refuses it)."""
 
-    model_type: str = "gpt_neox"  # the model family: gpt_neox
+    model_type: str = "gpt_neox"  # the model family: gpt_neox | llama
+    size_preset: str = ""  # a named block shape of the family (README, Model families); sets layers, width, heads, FFN
+    target_params: str = ""  # size the model to about N non-embedding parameters (350M, 1.2B); rule: model/sizing.py
     vocab_size: int = 50257
     hidden_size: int = 2048
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
+    num_key_value_heads: int | None = None  # llama only: K/V heads of grouped-query attention; unset: one per head
     intermediate_size: int = 8192
     max_position_embeddings: int = 2048
-    rotary_pct: float = 0.25
-    rotary_emb_base: int = 10000
-    use_parallel_residual: bool = True
-    hidden_act: str = "gelu"
+    rotary_pct: float = 0.25  # gpt_neox only: share of each head's dimensions that get rotary positions
+    rotary_emb_base: int = 10000  # rotary base (llama's rope_theta)
+    use_parallel_residual: bool = True  # gpt_neox only
+    hidden_act: str | None = None  # unset: the family's (gpt_neox gelu, llama silu)
     tie_word_embeddings: bool = False
-    hidden_dropout: float = 0.0
+    hidden_dropout: float = 0.0  # gpt_neox only
     attention_dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float | None = None  # unset: the family's (gpt_neox LayerNorm 1e-5, llama RMSNorm 1e-6)
     initializer_range: float = 0.02
 
 
@@ -44,6 +48,12 @@ class TrainingConfig:
     seed: int = 42
     resume: str = ""  # checkpoint folder name, or "latest"; empty: start fresh
     dry_run: bool = False  # build config and model on the meta device, print the plan, exit
+    init_from: str = ""  # a Hugging Face model folder (config.json, safetensors) whose weights start a new run
+    # A cooldown branch: a new run (its own --run-name, --output-dir, --checkpoint-bucket) that starts from a
+    # stable-phase checkpoint of a wsd run (weights, optimizer, data position) and decays the rate to the floor
+    # over cooldown_steps, ending at that checkpoint's step + cooldown_steps; the main run is not touched.
+    cooldown_from: str = ""  # the checkpoint folder, local or in a bucket (gs://.../checkpoint-epoch0-step5000-files8)
+    cooldown_steps: int = 0  # length of the cooldown branch's decay
 
     # Data
     data_dir: str = "data"
@@ -66,16 +76,20 @@ class TrainingConfig:
     # Optimisation
     max_steps: int = 25000
     lr_decay_steps: int = 0  # 0: max_steps; set it to keep the schedule when stopping early with --max-steps
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | linear; each with linear warmup
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 4
     learning_rate: float = 2e-4
-    min_learning_rate_ratio: float = 0.1  # cosine decays to learning_rate * this
+    min_learning_rate_ratio: float = 0.1  # the schedule decays to learning_rate * this
     warmup_steps: int = 500
+    wsd_decay_fraction: float = 0.2  # wsd: the share of the decay steps spent decaying, at the end
+    wsd_decay_shape: str = "1-sqrt"  # wsd and cooldown branches: how the rate falls: 1-sqrt | linear | cosine
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    z_loss_coefficient: float = 0.0  # adds this * mean(logsumexp(logits)^2) to the training loss (PaLM); 0: off
     max_consecutive_nonfinite: int = 5  # stop after this many skipped steps in a row
 
     # Performance
@@ -118,6 +132,16 @@ class TrainingConfig:
     def effective_lr_decay_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
 
+    def lr_decay_start(self) -> int:
+        """Completed optimizer steps after which the rate leaves its peak: the end of warmup for cosine and linear,
+        the last wsd_decay_fraction of the decay steps for wsd, the branch point of a cooldown branch."""
+        if self.cooldown_steps:
+            return self.max_steps - self.cooldown_steps
+        if self.lr_schedule == "wsd":
+            decay_steps = self.effective_lr_decay_steps()
+            return decay_steps - round(self.wsd_decay_fraction * decay_steps)
+        return self.warmup_steps
+
 
 TEST_MODEL = ModelConfig(
     vocab_size=512,
@@ -126,6 +150,15 @@ TEST_MODEL = ModelConfig(
     num_attention_heads=4,
     intermediate_size=512,
     max_position_embeddings=256,
+)
+
+PRODUCTION_LLAMA_MODEL = ModelConfig(
+    model_type="llama",
+    hidden_size=2048,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    intermediate_size=5632,
 )
 
 CONFIGS: dict[str, TrainingConfig] = {
@@ -162,6 +195,9 @@ CONFIGS: dict[str, TrainingConfig] = {
         learning_rate=3e-4,
         dataloader_num_workers=6,
     ),
+    # The Llama block at the production size: what --target-params 1.2B gives the llama family (1.22 B
+    # non-embedding parameters against GPT-NeoX's 1.21 B; tests/test_sizing.py keeps the two in step).
+    "production_llama": TrainingConfig(model=PRODUCTION_LLAMA_MODEL),
 }
 
 
@@ -174,6 +210,15 @@ def get_config(name: str) -> TrainingConfig:
 def as_dict(config: TrainingConfig) -> dict:
     """Plain JSON-able values, for checkpoints and W&B."""
     return dataclasses.asdict(config)
+
+
+def from_dict(values: dict) -> TrainingConfig:
+    """The config a checkpoint recorded (as_dict), written by this version or another: fields it lacks take their
+    defaults here, fields this version does not know are dropped."""
+    known_model = {f.name for f in dataclasses.fields(ModelConfig)}
+    known = {f.name for f in dataclasses.fields(TrainingConfig)} - {"model"}
+    model = ModelConfig(**{k: v for k, v in values.get("model", {}).items() if k in known_model})
+    return TrainingConfig(model=model, **{k: v for k, v in values.items() if k in known})
 
 
 def with_changes(config: TrainingConfig, **changes) -> TrainingConfig:

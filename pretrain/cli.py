@@ -15,11 +15,15 @@ import typing
 from typing import Any
 
 from configs import CONFIGS, ModelConfig, TrainingConfig, get_config, with_changes
+from pretrain.checkpoint.format import step_of
 from pretrain.model.families import family_for
+from pretrain.model.sizing import apply_sizing, parse_count
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 MIXED_PRECISION_CHOICES = ("bf16", "fp16", "no")
+LR_SCHEDULES = ("cosine", "wsd", "linear")
+DECAY_SHAPES = ("1-sqrt", "linear", "cosine")
 
 
 def parse_bool(text: str) -> bool:
@@ -45,9 +49,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _value_type(hint: Any) -> type:
+    """The type a flag's text becomes: `int | None` (a field the model family fills when unset) parses as int."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if args else hint
+
+
 def _config_fields() -> list[tuple[str, dataclasses.Field, type, str]]:
     """(section, field, type) for every overridable field, model shape included, flattened into one namespace."""
-    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainingConfig)}
+    hints = {name: _value_type(hint) for name, hint in
+             {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainingConfig)}.items()}
     rows = []
     for section, cls in (("model shape", ModelConfig), ("training", TrainingConfig)):
         for f in dataclasses.fields(cls):
@@ -75,7 +86,8 @@ def build_parser(base: TrainingConfig) -> argparse.ArgumentParser:
     for section, f, field_type, comment in _config_fields():
         group = groups.setdefault(section, parser.add_argument_group(section))
         current = getattr(base.model, f.name) if section == "model shape" else getattr(base, f.name)
-        help_text = f"{comment} (default: %(default)s)" if comment else "(default: %(default)s)"
+        default_text = "%(default)s" if current is not None else "unset"
+        help_text = f"{comment} (default: {default_text})" if comment else f"(default: {default_text})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": current, "help": help_text}
         if field_type is bool:
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
@@ -83,6 +95,10 @@ def build_parser(base: TrainingConfig) -> argparse.ArgumentParser:
             kwargs.update(type=field_type, metavar=field_type.__name__.upper())
         if f.name == "mixed_precision":
             kwargs["choices"] = MIXED_PRECISION_CHOICES
+        if f.name == "lr_schedule":
+            kwargs["choices"] = LR_SCHEDULES
+        if f.name == "wsd_decay_shape":
+            kwargs["choices"] = DECAY_SHAPES
         group.add_argument(_flag(f.name), **kwargs)
     return parser
 
@@ -108,6 +124,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         "max_files", "eval_steps", "eval_batches", "eval_shards", "warmup_steps", "lr_decay_steps",
         "dataloader_num_workers", "save_every_minutes", "sync_logs_every_minutes", "storage_max_retries",
         "weight_decay", "max_grad_norm", "upload_timeout_seconds", "preemption_grace_seconds", "final_samples",
+        "z_loss_coefficient", "cooldown_steps",
     ]
     for name in non_negative:
         if getattr(config, name) < 0:
@@ -119,6 +136,12 @@ def validate(config: TrainingConfig) -> TrainingConfig:
             f"--lr-decay-steps ({config.lr_decay_steps}) is below --max-steps ({config.max_steps}); "
             "the schedule would end before training does"
         )
+    _validate_schedule(config)
+    if config.init_from and "://" in config.init_from:
+        raise ValueError(f"--init-from {config.init_from}: expected a local Hugging Face model folder; copy it from "
+                         "the bucket first")
+    if config.init_from and config.cooldown_from:
+        raise ValueError("--init-from and --cooldown-from both choose the starting weights; pass one of them")
     model = config.model
     family_for(model).validate(model)
     if config.seq_len > model.max_position_embeddings:
@@ -136,8 +159,50 @@ def validate(config: TrainingConfig) -> TrainingConfig:
     return config
 
 
+def _validate_schedule(config: TrainingConfig) -> None:
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
+    if config.wsd_decay_shape not in DECAY_SHAPES:
+        raise ValueError(f"--wsd-decay-shape must be one of {', '.join(DECAY_SHAPES)}, got {config.wsd_decay_shape!r}")
+    if not 0 < config.wsd_decay_fraction <= 1:
+        raise ValueError(f"--wsd-decay-fraction must be in (0, 1], got {config.wsd_decay_fraction}")
+    if config.lr_schedule == "wsd" and not config.cooldown_steps and config.warmup_steps > config.lr_decay_start():
+        raise ValueError(
+            f"--warmup-steps ({config.warmup_steps}) runs past the start of the wsd decay (step "
+            f"{config.lr_decay_start()}, the last --wsd-decay-fraction {config.wsd_decay_fraction:g} of "
+            f"{config.effective_lr_decay_steps()} steps); shorten the warmup or the decay"
+        )
+
+
+def _given(argv: list[str]) -> set[str]:
+    """The config fields named on the command line (`--hidden-size 64` or `--hidden-size=64`)."""
+    return {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
+
+
+def _with_cooldown(config: TrainingConfig) -> TrainingConfig:
+    """A cooldown branch ends at its checkpoint's step (read from the folder's name) plus --cooldown-steps, so its
+    rate is a pure function of the step like any run's; --max-steps and --lr-decay-steps are the main run's."""
+    if not config.cooldown_from:
+        if config.cooldown_steps:
+            raise ValueError("--cooldown-steps is the length of a cooldown branch: pass --cooldown-from CHECKPOINT too")
+        return config
+    name = config.cooldown_from.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        branch_step = step_of(name)
+    except ValueError:
+        raise ValueError(f"--cooldown-from {config.cooldown_from}: expected a checkpoint folder, named like "
+                         "checkpoint-epoch0-step5000-files8") from None
+    if config.cooldown_steps < 1:
+        raise ValueError(f"--cooldown-from needs --cooldown-steps N (a positive number of steps), got "
+                         f"{config.cooldown_steps}")
+    return with_changes(config, max_steps=branch_step + config.cooldown_steps, lr_decay_steps=0)
+
+
 def parse_config(argv: list[str] | None = None) -> TrainingConfig:
-    """Parses argv into a validated config. Errors raise ValueError with a one-line message naming the flag."""
+    """Parses argv into a validated config. Errors raise ValueError with a one-line message naming the flag.
+
+    The model's shape comes from --size-preset or --target-params when given (pretrain/model/sizing.py), and every
+    model field left unset takes its family's default, so the config a run records is explicit."""
     argv = list(sys.argv[1:] if argv is None else argv)
     base = get_config(_config_name(argv))
     parser = build_parser(base)
@@ -146,7 +211,11 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
         raise ValueError(_unknown_flag_message(unknown[0], parser))
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     config = with_changes(base, **overrides)
-    return validate(config)
+    family = family_for(config.model)
+    if config.model.target_params:
+        parse_count(config.model.target_params)  # a malformed count is named before anything else
+    config = dataclasses.replace(config, model=family.resolve(apply_sizing(config.model, _given(argv))))
+    return validate(_with_cooldown(config))
 
 
 def _unknown_flag_message(token: str, parser: argparse.ArgumentParser) -> str:

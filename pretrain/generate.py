@@ -7,7 +7,6 @@ The model shape and data settings come from the checkpoint itself; the tokenizer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from configs import ModelConfig, TrainingConfig
+from configs import TrainingConfig, from_dict
 from pretrain.checkpoint.format import (
     CheckpointError,
     load_checkpoint,
@@ -67,8 +66,7 @@ def checkpoint_folder(args: argparse.Namespace, scratch: Path) -> Path:
 
 
 def training_config(saved: dict) -> TrainingConfig:
-    known = {f.name for f in dataclasses.fields(TrainingConfig)} - {"model"}
-    return TrainingConfig(model=ModelConfig(**saved["model"]), **{k: v for k, v in saved.items() if k in known})
+    return from_dict(saved)
 
 
 def generate(args: argparse.Namespace) -> list[str]:

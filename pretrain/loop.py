@@ -28,7 +28,7 @@ from accelerate.utils import (
     set_seed,
 )
 
-from configs import TrainingConfig, as_dict
+from configs import TrainingConfig, as_dict, from_dict
 from pretrain.agreement import Agreement
 from pretrain.checkpoint.checkpointer import Checkpointer, Resumed
 from pretrain.checkpoint.state_dicts import load_model_state
@@ -40,6 +40,7 @@ from pretrain.evaluation import Evaluator, eval_values
 from pretrain.memory import measured_gpu_memory_gib, plan_for_config
 from pretrain.metrics import Metrics, ThroughputModel
 from pretrain.model.build import (
+    add_z_loss,
     build_model,
     count_parameters,
     enable_activation_checkpointing,
@@ -47,7 +48,13 @@ from pretrain.model.build import (
 from pretrain.model.export import export_model, sample_lines
 from pretrain.model.families import family_for
 from pretrain.model.peaks import peak_flops_per_device
-from pretrain.optim import build_optimizer, lr_at, set_lr
+from pretrain.model.pretrained import (
+    PretrainedFolder,
+    check_folder,
+    check_tokenizer,
+    load_weights,
+)
+from pretrain.optim import build_optimizer, lr_at, set_lr, stable_steps
 from pretrain.plan import RunPlan, effective_mixed_precision
 from pretrain.preemption import Preempted, PreemptionFlag
 from pretrain.prepare.demo_corpus import ensure_demo_corpus
@@ -161,6 +168,16 @@ class Trainer:
         set_seed(config.seed)
         self.checkpointer = self.cleanup.enter_context(Checkpointer(config, accelerator, self.preemption))
         resumed = self.checkpointer.resume()
+        # A fresh cooldown branch starts from the main run's checkpoint as if resuming it, under a run of its own.
+        self.branch_start = resumed is None and bool(config.cooldown_from)
+        if self.branch_start:
+            resumed = self.checkpointer.branch_point(config.cooldown_from)
+            self._check_branch_point(resumed.state)
+        pretrained: PretrainedFolder | None = None
+        if config.init_from and resumed is None:
+            pretrained = check_folder(config.init_from, config.model)  # before the data: a wrong folder fails fast
+        elif config.init_from:
+            self._log(f"--init-from {config.init_from} is not used: this run resumes with its checkpoint's weights")
         self._stop_if_preempted()
         started = time.monotonic()
         frozen = FrozenShards.from_json(resumed.state.data) if resumed else None
@@ -176,6 +193,13 @@ class Trainer:
         model = build_model(config.model, device=accelerator.device)
         if resumed is not None:
             load_model_state(model, resumed.model_state)
+        elif pretrained is not None:
+            self._log(on_main(accelerator, lambda: check_tokenizer(pretrained, self.data.tokenizer_dir)))
+            load_weights(model, pretrained)
+            self._log(f"initialised from {pretrained.path} ({', '.join(p.name for p in pretrained.weight_files)}); "
+                      "a new run: step 0, a fresh optimizer")
+        if config.z_loss_coefficient:
+            add_z_loss(model, config.z_loss_coefficient)
         self.plan = RunPlan(config, accelerator.num_processes, accelerator.device.type == "cuda", count_parameters(model))
         self._log("\n".join(self.plan.lines()))
         if self._wants_activation_checkpointing():
@@ -184,7 +208,7 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if resumed is not None:
             self.checkpointer.restore(resumed, self.model, self.optimizer)
-        self.state = self._train_state(resumed)
+        self.state = self._train_state(resumed, pretrained)
         if config.compile_model:
             self.model = self._compiled(self.model)
         self.evaluator = Evaluator(config, accelerator, self.data.eval)
@@ -204,6 +228,9 @@ class Trainer:
             pin_memory=self.accelerator.device.type == "cuda",
         ))
         model.train()
+        if self.branch_start:
+            # The branch's own first checkpoint, so it resumes without the main run's (which that run may prune).
+            self.checkpointer.save(state, model, self.optimizer, "the cooldown branch's start")
         self.metrics.start_window(state.step)
         clock = time.monotonic()
         while state.step < config.max_steps:
@@ -271,8 +298,29 @@ class Trainer:
         self.metrics.publish(self.state.step, eval_values(loss))
         self.metrics.start_window(self.state.step)
 
-    def _train_state(self, resumed: Resumed | None) -> TrainState:
+    def _check_branch_point(self, state: TrainState) -> None:
+        """A cooldown branch starts where its main run's rate is at its peak: after warmup, before any decay."""
+        main = from_dict(state.config)
+        stable = stable_steps(main)
+        where = f"--cooldown-from {self.config.cooldown_from}"
+        if stable is None:
+            schedule = "a cooldown branch" if main.cooldown_steps else f"--lr-schedule {main.lr_schedule}"
+            raise ValueError(f"{where}: its run ({state.run_name}) is {schedule}; a cooldown branch starts from a "
+                             "stable-phase checkpoint of a --lr-schedule wsd run")
+        if not stable[0] <= state.step <= stable[1]:
+            raise ValueError(f"{where}: step {state.step} is outside the stable phase of its run ({state.run_name}: "
+                             f"steps {stable[0]} to {stable[1]}, after warmup and before the decay)")
+
+    def _train_state(self, resumed: Resumed | None, pretrained: PretrainedFolder | None = None) -> TrainState:
         config = self.config
+        if resumed is not None and self.branch_start:
+            state, main_run = resumed.state, resumed.state.run_name
+            state.run_name = config.run_name or f"{main_run}-cooldown{state.step}"
+            if state.run_name == main_run:
+                raise ValueError(f"--run-name {main_run} is the name of the run the cooldown branch starts from; "
+                                 "give the branch a name of its own")
+            state.branch = {"from": config.cooldown_from, "run_name": main_run, "step": state.step}
+            state.wandb_run_id = uuid.uuid4().hex[:12] if config.wandb else None
         if resumed is not None:
             state = resumed.state
             if state.global_batch_samples != self.plan.global_batch_samples:
@@ -289,6 +337,7 @@ class Trainer:
             num_processes=self.accelerator.num_processes, data=self.data.frozen.to_json(), run_name=name,
             config=as_dict(config), versions=library_versions(),
             wandb_run_id=uuid.uuid4().hex[:12] if config.wandb else None,
+            init_from=pretrained.record() if pretrained is not None else None,
         )
 
     def _make_metrics(self) -> Metrics:

@@ -58,7 +58,7 @@ def saved_for_backward_bytes(
         layers = model.num_hidden_layers * family_for(model).layer_activation_bytes(
             model, seq_len, micro_batch, low, residual, flash_attention
         )
-    final = tokens * model.hidden_size * (residual + low) + 16 * tokens
+    final = family_for(model).final_activation_bytes(model, tokens, low, residual)
     return layers + final + 4 * tokens * model.vocab_size
 
 

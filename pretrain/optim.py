@@ -9,19 +9,57 @@ import torch
 from configs import TrainingConfig
 
 
-def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine to `min_ratio` at `decay_steps`, flat after. `step` counts completed optimizer steps."""
+def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: float, schedule: str = "cosine",
+                  decay_start: int | None = None, shape: str = "1-sqrt") -> float:
+    """Linear warmup to 1, then a decay to `min_ratio` at `decay_steps`, flat after. `step` counts completed
+    optimizer steps.
+
+    cosine: cosine from the end of warmup. linear: a straight line from the end of warmup. wsd (warmup-stable-decay,
+    Hu et al. 2024, "MiniCPM"): flat at 1 until `decay_start`, then `shape` down to the floor: 1-sqrt (Hägele et al.
+    2024, the best of their cooldowns), linear or cosine. A cooldown branch is a wsd decay from its branch point.
+    """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        decay_start, shape = warmup_steps, "linear"
+    elif schedule != "wsd":
+        raise ValueError(f"--lr-schedule {schedule!r}: expected cosine, wsd or linear")
+    start = warmup_steps if decay_start is None else decay_start
+    if step <= start:
+        return 1.0  # exactly the peak, also where the decay begins (a cooldown branch's first step)
+    progress = min(1.0, (step - start) / max(1, decay_steps - start))
+    return min_ratio + (1.0 - min_ratio) * _remaining(shape, progress)
+
+
+def _remaining(shape: str, progress: float) -> float:
+    """The share of the decay still ahead at `progress` (0 at the start of the decay, 1 at its end)."""
+    if shape == "1-sqrt":
+        return 1.0 - math.sqrt(progress)
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"--wsd-decay-shape {shape!r}: expected 1-sqrt, linear or cosine")
 
 
 def lr_at(step: int, config: TrainingConfig) -> float:
     """The rate optimizer step `step` (1-based) applies. Nothing to save: resume recomputes it from the step."""
+    schedule = "wsd" if config.cooldown_steps else config.lr_schedule
     multiplier = lr_multiplier(step - 1, config.warmup_steps, config.effective_lr_decay_steps(),
-                               config.min_learning_rate_ratio)
+                               config.min_learning_rate_ratio, schedule=schedule, decay_start=config.lr_decay_start(),
+                               shape=config.wsd_decay_shape)
     return config.learning_rate * multiplier
+
+
+def stable_steps(config: TrainingConfig) -> tuple[int, int] | None:
+    """The checkpoint steps a cooldown branch may start from: those of a wsd run after warmup and before its
+    decay, where the rate is at its peak and has never been lower since warmup (None for other schedules)."""
+    if config.lr_schedule != "wsd" or config.cooldown_steps:
+        return None
+    return config.warmup_steps, config.lr_decay_start()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from configs import TrainingConfig
 from pretrain.model.families import family_for
+from pretrain.model.sizing import describe_sizing
 
 if TYPE_CHECKING:
     from pretrain.model.build import ModelSize
@@ -69,11 +70,22 @@ class RunPlan:
             f"{self.num_processes} process{'es' if self.num_processes > 1 else ''} x {c.seq_len} tokens = "
             f"{self.tokens_per_step:,} tokens per optimizer step"
         )
+        floor = f"{c.min_learning_rate_ratio:g} x {c.learning_rate:g} at step {c.effective_lr_decay_steps():,}"
+        if c.cooldown_steps:
+            decay = f"cooldown branch from step {c.lr_decay_start():,}: {c.wsd_decay_shape} to {floor}"
+        elif c.lr_schedule == "wsd":
+            decay = f"stable until step {c.lr_decay_start():,}, then {c.wsd_decay_shape} to {floor}"
+        else:
+            decay = f"{c.lr_schedule} to {floor}"
         lines.append(
             f"schedule: {c.max_steps:,} steps ({c.max_steps * self.tokens_per_step / 1e9:.2f} B tokens), warmup "
-            f"{c.warmup_steps}, cosine to {c.min_learning_rate_ratio:g} x {c.learning_rate:g} at step "
-            f"{c.effective_lr_decay_steps():,}"
+            f"{c.warmup_steps}, {decay}"
         )
+        if c.z_loss_coefficient:
+            lines.append(f"z-loss: {c.z_loss_coefficient:g} x mean(logsumexp(logits)^2) added to the training loss")
+        sizing = describe_sizing(c.model)
+        if sizing is not None:
+            lines.append(sizing)
         if self.model_size is not None:
             gflops = family.flops_per_token(c.model, c.seq_len) / 1e9
             lines.append(f"training FLOPs: {gflops:.2f} GFLOP per token")

@@ -27,7 +27,9 @@ ALLOWED = {
     # the export writes the weights as the checkpoint does, with the data's tokenizer
     "pretrain.model": {"pretrain.checkpoint.state_dicts", "pretrain.prepare.tokenizer"},
     "pretrain.memory": {"pretrain.model.families", "pretrain.model.family"},
-    "pretrain.cli": {"pretrain.model.families", "pretrain.model.family"},
+    # the shape from a preset or a parameter target; a cooldown branch's step from its checkpoint's name
+    "pretrain.cli": {"pretrain.model.families", "pretrain.model.family", "pretrain.model.sizing",
+                     "pretrain.checkpoint.format"},
     "pretrain.plan": {"pretrain.model"},
     "pretrain.optim": set(),
     "pretrain.metrics": set(),

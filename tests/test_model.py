@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from configs import TEST_MODEL
-from pretrain.model.build import build_model, enable_activation_checkpointing
+from pretrain.model.build import (
+    add_z_loss,
+    build_model,
+    enable_activation_checkpointing,
+)
 from pretrain.model.peaks import gpu_peak, peak_flops_per_device, peak_tflops_for_name
 
 # One layer and small widths: inductor's compile time on CPU grows with the number of kernels, not their size.
@@ -201,3 +205,26 @@ def test_peak_follows_the_precision():
 def test_configured_peak_wins_and_cpu_has_none():
     assert peak_flops_per_device(torch.device("cpu"), 100.0) == 100e12
     assert peak_flops_per_device(torch.device("cpu"), 0.0) is None
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "llama"])
+def test_z_loss_adds_the_squared_log_normaliser_in_training_only(model_type):
+    shape = dataclasses.replace(TINY, model_type=model_type)
+    torch.manual_seed(0)
+    model = build_model(shape).train()
+    input_ids = _batch(shape)
+    output = model(input_ids=input_ids, labels=input_ids)
+    plain = output.loss.detach()
+    normaliser = torch.logsumexp(output.logits[:, :-1].float(), dim=-1)
+    handle = add_z_loss(model, 1e-2)
+    with_z = model(input_ids=input_ids, labels=input_ids).loss
+    torch.testing.assert_close(with_z, plain + 1e-2 * normaliser.pow(2).mean(), rtol=1e-6, atol=0)
+    assert with_z > plain
+    with_z.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids, labels=input_ids).loss, plain)  # evaluation: the plain loss
+    handle.remove()
+    model.train()
+    assert torch.equal(model(input_ids=input_ids, labels=input_ids).loss.detach(), plain)  # 0: no hook, bit for bit

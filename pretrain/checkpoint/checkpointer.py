@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pretrain.checkpoint import rng
 from pretrain.checkpoint.format import (
     LOGS_PREFIX,
     NAME_PATTERN,
+    TEMP_PREFIX,
     CheckpointError,
     CheckpointPayload,
     checkpoint_name,
@@ -49,7 +51,7 @@ from pretrain.checkpoint.store import (
 )
 from pretrain.checkpoint.train_state import TrainState
 from pretrain.checkpoint.worker import Job, Worker
-from pretrain.distributed import on_main
+from pretrain.distributed import on_local_main, on_main
 from pretrain.errors import os_reason
 from pretrain.preemption import Preempted, PreemptionFlag
 from pretrain.storage import StorageError, open_storage, storage_options
@@ -138,6 +140,50 @@ class Checkpointer:
         if self.is_main:
             log.info("resuming from %s at step %d (checkpoint fetched in %.1f s, loaded in %.1f s)",
                      folder, payload.state.step, fetched - started, time.monotonic() - fetched)
+        return Resumed(payload.state, payload.model_state, payload.optimizer_state,
+                       payload.rng_states.get(rank, payload.rng_states["rank0"]))
+
+    def branch_point(self, location: str) -> Resumed:
+        """A cooldown branch's start: another run's checkpoint (a local folder, or a URL of one in a bucket), loaded
+        on every rank as a resume loads its own. It must lie outside this run's folder and bucket, which the branch
+        keeps to itself; a bucket copy is fetched into a temporary folder on each machine and removed after loading."""
+        started = time.monotonic()
+        trimmed = location.rstrip("/")
+        name = trimmed.rsplit("/", 1)[-1]
+        scratch = None
+        if "://" in trimmed:
+            parent = trimmed[: -len(name)].rstrip("/")
+            if self.remote is not None and parent == self.remote.url.rstrip("/"):
+                raise ValueError(f"--cooldown-from {location}: that checkpoint is in this run's --checkpoint-bucket; a "
+                                 "cooldown branch needs a bucket prefix (and --output-dir) of its own")
+            scratch = self.output_dir / f"{TEMP_PREFIX}branch-point"
+            source = CheckpointStore(open_storage(parent, storage_options(self.config)))
+
+            def fetch() -> None:
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir(parents=True)
+                download_checkpoint(source, name, scratch)
+
+            on_local_main(self.accelerator, fetch)
+            folder = scratch / name
+        else:
+            folder = Path(trimmed)
+            if folder.resolve().parent == self.output_dir.resolve():
+                raise ValueError(f"--cooldown-from {location}: that checkpoint is in this run's --output-dir; a "
+                                 "cooldown branch needs an --output-dir (and bucket prefix) of its own")
+            problem = on_main(self.accelerator, lambda: verify_checkpoint(folder) if folder.is_dir() else
+                              f"--cooldown-from {location}: no such checkpoint folder")
+            if problem:
+                raise CheckpointError(problem)
+        payload = load_checkpoint(folder)
+        self._check_compatible(payload.state)
+        self.accelerator.wait_for_everyone()
+        if scratch is not None:
+            on_local_main(self.accelerator, lambda: shutil.rmtree(scratch, ignore_errors=True))
+        if self.is_main:
+            log.info("cooldown branch from %s at step %d (run %s), loaded in %.1f s", location, payload.state.step,
+                     payload.state.run_name, time.monotonic() - started)
+        rank = f"rank{self.accelerator.process_index}"
         return Resumed(payload.state, payload.model_state, payload.optimizer_state,
                        payload.rng_states.get(rank, payload.rng_states["rank0"]))
 

@@ -38,6 +38,8 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # logged loss/lr/eval points, for plots after resume
     wandb_run_id: str | None = None
     elapsed_seconds: float = 0.0
+    init_from: dict[str, Any] | None = None  # the Hugging Face folder a --init-from run started from
+    branch: dict[str, Any] | None = None  # a cooldown branch's start: the main run's checkpoint, run name and step
 
     def to_json(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -25,7 +25,7 @@ from pretrain.memory import (
 from pretrain.model.families import family_for
 from pretrain.plan import RunPlan
 
-ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"  # the repository root
 STRATEGIES = ("auto", "ddp", "fsdp")
 # torchrun's agent SIGKILLs the ranks this long after passing on a SIGTERM; they need the grace period plus the
 # time to finish the step they are in and leave the process group.

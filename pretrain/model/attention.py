@@ -21,8 +21,11 @@ def causal_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    # Grouped-query attention (fewer K/V heads than query heads): the kernel shares each K/V head across its group,
+    # as transformers' sdpa does without a mask, instead of materialising repeated K and V.
+    grouped = query.shape[1] != key.shape[1]
     output = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, dropout_p=dropout, scale=scaling, is_causal=True
+        query, key, value, dropout_p=dropout, scale=scaling, is_causal=True, **({"enable_gqa": True} if grouped else {})
     )
     return output.transpose(1, 2).contiguous(), None
 

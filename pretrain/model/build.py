@@ -20,7 +20,7 @@ def build_model(model: ModelConfig, device: str | torch.device = "cpu", attn_imp
     model loads with transformers' defaults anywhere.
     """
     family = family_for(model)
-    hf_config = family.hf_config(model)
+    hf_config = family.hf_config(family.resolve(model))
     hf_config._attn_implementation = attn_implementation
     with torch.device(device):
         built = family.model_class()(hf_config)
@@ -37,6 +37,21 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     accelerator.prepare (FSDP and DDP wrap the already-checkpointed blocks).
     """
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def add_z_loss(model: torch.nn.Module, coefficient: float):
+    """Adds coefficient * mean(logsumexp(logits)^2) over the predicted positions to the loss of every training forward
+    pass (z-loss, PaLM: keeps the softmax normaliser near 1 and the logits from drifting). A hook, so the training
+    step is unchanged and evaluation (model.eval()) reports the plain loss. Cost: an fp32 copy of the logits
+    (4 bytes x tokens x vocabulary) kept for the backward pass, which the memory plan does not count."""
+
+    def hook(module, args, kwargs, output):
+        if module.training and getattr(output, "loss", None) is not None:
+            normaliser = torch.logsumexp(output.logits[:, :-1].float(), dim=-1)
+            output.loss = output.loss + coefficient * normaliser.pow(2).mean()
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 
 from pretrain.model.family import ModelFamily
 from pretrain.model.gpt_neox import GPTNeoX
+from pretrain.model.llama import Llama
 
 if TYPE_CHECKING:
     from configs import ModelConfig
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (GPTNeoX(),)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (GPTNeoX(), Llama())}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:

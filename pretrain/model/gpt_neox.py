@@ -14,6 +14,17 @@ class GPTNeoX(ModelFamily):
     name = "gpt_neox"
     display_name = "GPT-NeoX"
     layer_class_name = "GPTNeoXLayer"
+    defaults = {"hidden_act": "gelu", "layer_norm_eps": 1e-5}
+    # Pythia's shapes (Biderman et al. 2023); pythia-1.4b is the `production` model.
+    presets = {
+        "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+        "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192),
+        "pythia-1.4b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),
+        "pythia-2.8b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240),
+        "pythia-6.9b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=16384),
+    }
 
     def hf_config(self, model: ModelConfig):
         from transformers import GPTNeoXConfig
