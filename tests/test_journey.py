@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.checkpoint.store import CheckpointStore
-from pretrain.preemption import PREEMPTED_EXIT_CODE
+from pretrain.protocol import EXIT_PREEMPTED
 from pretrain.storage import open_storage
 from tests.launcher import Watched, survivors
 from tests.vms import new_vm, vm_losses
@@ -86,7 +86,7 @@ def test_the_same_command_on_three_vms_ends_as_if_never_interrupted(cloud, tmp_p
     run.wait_for("starting a new run")
     run.wait_for("step 3/")
     run.process.send_signal(signal.SIGTERM)  # the spot VM's preemption notice
-    assert run.finish(timeout=300) == PREEMPTED_EXIT_CODE, run.text()[-3000:]
+    assert run.finish(timeout=300) == EXIT_PREEMPTED, run.text()[-3000:]
     assert "uploaded checkpoint-" in run.text()
     emergency = CheckpointStore(open_storage(checkpoint_bucket.url)).complete()[0]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint.format import verify_checkpoint
-from pretrain.preemption import PREEMPTED_EXIT_CODE
+from pretrain.protocol import EXIT_PREEMPTED
 from tests.launcher import (
     RUN_NAME,
     Watched,
@@ -50,7 +50,7 @@ def test_sigterm_mid_training_reaches_both_ranks_and_resumes_exactly(tmp_path, s
                                    "--max-steps", "40", *COMMON))
     wait_for_step(interrupted, 2, run.process, timeout=300)
     run.process.send_signal(signal.SIGTERM)  # to start_training.sh only, as an orchestrator does
-    assert run.finish(timeout=180) == PREEMPTED_EXIT_CODE, run.text()[-4000:]
+    assert run.finish(timeout=180) == EXIT_PREEMPTED, run.text()[-4000:]
     text = assert_quiet_and_gone(run, str(interrupted))
     assert len(forwarded_pids(text)) == 2, text[-4000:]
     assert text.count("SIGTERM received") >= 2, text[-4000:]  # each rank says so (torchrun may repeat it to one)
@@ -82,7 +82,7 @@ def test_sigterm_during_start_up_ends_the_run_and_leaves_nothing_behind(processe
     assert "SIGTERM received while starting up" in text, text[-4000:]
     # Each rank gets it once it is ready; if training set-up does not check for it, the ranks stop after step 1
     # with an emergency checkpoint. Either way 75, and far fewer than the 40 steps asked for.
-    assert code == PREEMPTED_EXIT_CODE, text[-4000:]
+    assert code == EXIT_PREEMPTED, text[-4000:]
     assert len(forwarded_pids(text)) == processes, text[-4000:]
     assert text.count("SIGTERM received:") >= processes, text[-4000:]
     steps = logged(workdir) if (workdir / "logs" / RUN_NAME / "metrics.jsonl").exists() else {}
@@ -96,10 +96,11 @@ def test_a_killed_accelerate_leaves_no_training_process_behind(tmp_path, sample_
     workdir = tmp_path / "run"
     run = Watched(launcher_command(workdir, sample_data, "--max-steps", "40", *COMMON))
     wait_for_step(workdir, 2, run.process, timeout=300)
-    wrapper = [line for line in survivors(str(workdir)) if "pretrain.launch.accelerate_quietly" in line]
+    # The launcher's child, which planned the run and runs accelerate launch in-process.
+    wrapper = [line for line in survivors(str(workdir)) if "pretrain.launch.command" in line]
     assert len(wrapper) == 1, wrapper
     os.kill(int(wrapper[0].split(":")[0]), signal.SIGKILL)
-    assert run.finish(timeout=180) == PREEMPTED_EXIT_CODE, run.text()[-4000:]
+    assert run.finish(timeout=180) == EXIT_PREEMPTED, run.text()[-4000:]
     text = assert_quiet_and_gone(run, str(workdir))
     assert "stopping them" in text and "SIGTERM received" in text, text[-4000:]
     assert len(checkpoints(workdir)) == 1

@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.checkpoint.format import verify_checkpoint
-from pretrain.preemption import PREEMPTED_EXIT_CODE
+from pretrain.protocol import EXIT_PREEMPTED
 from tests.launcher import (
     REPO,
     RUN_NAME,
@@ -41,7 +41,7 @@ def test_sigterm_writes_an_emergency_checkpoint_exits_75_and_resumes_exactly(tmp
     run = Watched(launcher_command(interrupted, sample_data, "--max-steps", "40", "--save-steps", "1000", *COMMON))
     wait_for_step(interrupted, 3, run.process)
     run.process.send_signal(signal.SIGTERM)  # to start_training.sh, which forwards it to the training process
-    assert run.process.wait(timeout=120) == PREEMPTED_EXIT_CODE, run.text()[-3000:]
+    assert run.process.wait(timeout=120) == EXIT_PREEMPTED, run.text()[-3000:]
     assert "forwarding SIGTERM" in run.text() and "SIGTERM received" in run.text()
 
     saved = checkpoints(interrupted)
@@ -74,14 +74,14 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, s
 
 
 def test_sigint_reaches_the_training_when_the_launcher_started_with_sigint_ignored(tmp_path, sample_data):
-    # As a background job of a script starts it: bash cannot trap a signal ignored at entry, so the launcher resets it.
+    # As a background job of a script starts it: a Ctrl-C (SIGINT) must still reach the training, not be dropped.
     workdir = tmp_path / "run"
     ignoring = ["bash", "-c", 'trap "" INT; exec "$0" "$@"', *launcher_command(workdir, sample_data, "--max-steps", "40",
                                                                              "--save-steps", "1000", *COMMON)]
     run = Watched(ignoring)
     wait_for_step(workdir, 3, run.process)
     run.process.send_signal(signal.SIGINT)
-    assert run.process.wait(timeout=120) == PREEMPTED_EXIT_CODE, run.text()[-3000:]
+    assert run.process.wait(timeout=120) == EXIT_PREEMPTED, run.text()[-3000:]
     assert "SIGINT received" in run.text()
 
 
