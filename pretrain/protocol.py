@@ -47,9 +47,20 @@ def record(name: str, value: str) -> None:
         pass
 
 
-def recorded_exit_code() -> int | None:
-    folder = launch_dir()
+def recorded_int(name: str, folder: Path | None = None) -> int | None:
+    """What record() wrote under `name` (in $PRETRAIN_LAUNCH_DIR unless `folder` is given); None before it did."""
+    folder = folder or launch_dir()
     try:
-        return int((folder / EXIT_CODE_FILE).read_text().strip()) if folder else None
+        return int((folder / name).read_text().strip()) if folder else None
     except (FileNotFoundError, ValueError):
         return None
+
+
+def recorded_exit_code(folder: Path | None = None) -> int | None:
+    return recorded_int(EXIT_CODE_FILE, folder)
+
+
+def recorded_pids(folder: Path) -> list[int]:
+    """The pids the ranks recorded so far, in the order of their pid files."""
+    pids = (recorded_int(path.name, folder) for path in sorted(folder.glob(pid_file("*"))))
+    return [pid for pid in pids if pid is not None]

@@ -45,8 +45,8 @@ from pretrain.checkpoint.format import (
 from pretrain.checkpoint.store import CheckpointStore
 from pretrain.launch.command import (
     ACCELERATE_CONFIG_DIR,
-    build_command,
     parse_launch_args,
+    plan_launch,
 )
 from pretrain.model.build import build_model
 from pretrain.storage import open_storage
@@ -84,8 +84,8 @@ def accelerate_launch_resolution(argv: list[str], gpus: int):
     the precedence of config file against command line lives), then the settings it hands to torchrun. GPUs are
     planned as 80 GB cards, where the configured layout fits as it is."""
     memory = ["--gpu-memory-gb", "79.1"] if gpus else []
-    command, _ = build_command(parse_launch_args([*argv, *memory]), available_gpus=gpus, cpu_count=16)
-    flags = command[command.index("launch") + 1 : command.index("train.py")]
+    planned, _ = plan_launch(parse_launch_args([*argv, *memory]), available_gpus=gpus, cpu_count=16)
+    flags = planned.accelerate_args[: planned.accelerate_args.index("train.py")]
     args = launch_command_parser().parse_args([*flags, "train.py"])
     args, _, _ = _validate_launch_command(args)
     return args
@@ -95,8 +95,8 @@ def run_with_launcher_flags(script: str, *script_args: str, timeout: float = 300
     """`accelerate launch` with exactly the flags start_training.sh uses for 2 CPU processes, on a check script
     (about 20 to 40 s). In its own process group, so a run that hangs is ended whole, workers included."""
     argv = ["--config", "test", *TWO_PROCESSES[:2], "--main-port", str(free_port())]
-    command, _ = build_command(parse_launch_args(argv), available_gpus=0, cpu_count=os.cpu_count() or 1)
-    command = [*command[: command.index("train.py")], str(REPO / "tests" / script), *script_args]
+    planned, _ = plan_launch(parse_launch_args(argv), available_gpus=0, cpu_count=os.cpu_count() or 1)
+    command = [*planned.command[: planned.command.index("train.py")], str(REPO / "tests" / script), *script_args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
@@ -200,7 +200,7 @@ def test_cpu_processes_resolve_to_gloo_processes_without_any_launch_file():
     assert args.multi_gpu and args.num_processes == 2 and args.config_file is None
     assert args.mixed_precision == "no"
     with pytest.raises(ValueError, match="--strategy fsdp needs GPUs"):
-        build_command(parse_launch_args(["--config", "test", "--cpu-processes", "2", "--strategy", "fsdp"]), 0, 2)
+        plan_launch(parse_launch_args(["--config", "test", "--cpu-processes", "2", "--strategy", "fsdp"]), 0, 2)
 
 
 # Runs on 2 CPU processes -------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launch.command import build_command, parse_launch_args
+from pretrain.launch.command import parse_launch_args, plan_launch
 from tests.launcher import REPO, free_port, last_line
 
 
 def command_for(argv, gpus=0, cores=2):
-    command, plan = build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=cores)
+    planned, plan = plan_launch(parse_launch_args(argv), available_gpus=gpus, cpu_count=cores)
+    command = planned.command
     launch = command.index("launch")
     script = command.index("train.py")
     assert command[launch - 3:launch] == ["python", "-m", "pretrain.launch.accelerate_quietly"]
@@ -45,6 +46,7 @@ def test_torchrun_waits_longer_than_the_emergency_checkpoints_grace_period_befor
 def test_production_on_two_80gb_gpus_runs_ddp_as_configured_and_prints_the_plan():
     _, flags, train_args, plan = command_for(["--config", "production", "--gpus", "2", "--gpu-memory-gb", "79.1"], gpus=2)
     assert flags[flags.index("--config_file") + 1].endswith("configs/accelerate/ddp_2gpu.yaml")
+    assert Path(flags[flags.index("--config_file") + 1]).is_file()
     assert flags[flags.index("--num_processes") + 1] == "2"
     assert flags[flags.index("--mixed_precision") + 1] == "bf16"
     assert "batch: 4 per device x 4 accumulation x 2 processes x 1024 tokens = 32,768 tokens per optimizer step" in plan
@@ -104,7 +106,7 @@ def test_fsdp_and_multi_node_pick_their_files_and_pass_rendezvous_flags():
 )
 def test_bad_launch_requests_fail_before_anything_starts(argv, gpus, fragment):
     with pytest.raises(ValueError) as error:
-        build_command(parse_launch_args(argv), available_gpus=gpus, cpu_count=2)
+        plan_launch(parse_launch_args(argv), available_gpus=gpus, cpu_count=2)
     assert fragment in str(error.value)
 
 
@@ -139,8 +141,8 @@ def test_the_launcher_ends_with_one_line_of_ours_and_the_trainings_exit_code(scr
     launch_dir = tmp_path / "launch"
     launch_dir.mkdir()
     argv = ["--config", "test", "--main-port", str(free_port())] + (["--cpu-processes", "2"] if processes > 1 else [])
-    command, _ = build_command(parse_launch_args(argv), available_gpus=0, cpu_count=2)
-    command = [*command[: command.index("train.py")], str(tmp_path / "stand_in.py")]
+    planned, _ = plan_launch(parse_launch_args(argv), available_gpus=0, cpu_count=2)
+    command = [*planned.command[: planned.command.index("train.py")], str(tmp_path / "stand_in.py")]
     env = {**os.environ, "PRETRAIN_LAUNCH_DIR": str(launch_dir), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == code, result.stderr[-3000:]

@@ -96,7 +96,8 @@ def test_a_killed_accelerate_leaves_no_training_process_behind(tmp_path, sample_
     workdir = tmp_path / "run"
     run = Watched(launcher_command(workdir, sample_data, "--max-steps", "40", *COMMON))
     wait_for_step(workdir, 2, run.process, timeout=300)
-    wrapper = [line for line in survivors(str(workdir)) if "pretrain.launch.accelerate_quietly" in line]
+    # The launcher's child, which planned the run and runs accelerate launch in-process.
+    wrapper = [line for line in survivors(str(workdir)) if "pretrain.launch.command" in line]
     assert len(wrapper) == 1, wrapper
     os.kill(int(wrapper[0].split(":")[0]), signal.SIGKILL)
     assert run.finish(timeout=180) == EXIT_PREEMPTED, run.text()[-4000:]

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from configs import get_config, with_changes
-from pretrain.launch.command import build_command, parse_launch_args
+from pretrain.launch.command import parse_launch_args, plan_launch
 from pretrain.memory import plan_memory
 from pretrain.model.build import block_classes, build_model, count_parameters
 from pretrain.model.families import FAMILIES, family_for, register_family
@@ -96,9 +96,9 @@ def test_fsdp_wraps_one_unit_per_block_of_the_family(toy):
     config = toy_config()
     request = parse_launch_args(["--config", "test", "--model-type", "toy_gpt2", "--gpus", "2", "--strategy", "fsdp",
                                  "--gpu-memory-gb", "24"])
-    command, _ = build_command(request, available_gpus=2, cpu_count=4)
-    flag = command.index("--fsdp_transformer_layer_cls_to_wrap")
-    assert command[flag + 1] == "GPT2Block"
+    planned, _ = plan_launch(request, available_gpus=2, cpu_count=4)
+    flag = planned.accelerate_args.index("--fsdp_transformer_layer_cls_to_wrap")
+    assert planned.accelerate_args[flag + 1] == "GPT2Block"
 
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy

@@ -74,7 +74,7 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, s
 
 
 def test_sigint_reaches_the_training_when_the_launcher_started_with_sigint_ignored(tmp_path, sample_data):
-    # As a background job of a script starts it: bash cannot trap a signal ignored at entry, so the launcher resets it.
+    # As a background job of a script starts it: a Ctrl-C (SIGINT) must still reach the training, not be dropped.
     workdir = tmp_path / "run"
     ignoring = ["bash", "-c", 'trap "" INT; exec "$0" "$@"', *launcher_command(workdir, sample_data, "--max-steps", "40",
                                                                              "--save-steps", "1000", *COMMON)]

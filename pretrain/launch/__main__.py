@@ -1,7 +1,7 @@
-"""`python -m pretrain.launch ...`: what start_training.sh runs (see pretrain/launch/command.py)."""
+"""`python -m pretrain.launch ...`: what start_training.sh execs (see pretrain/launch/supervisor.py)."""
 
 import sys
 
-from pretrain.launch.command import main
+from pretrain.launch.supervisor import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""`accelerate launch`, run in-process so that a failed run ends with the training's own last line and exit code.
+"""`accelerate launch`, run in-process so that a failed run ends with the training's own last line and exit code
+(in the launcher's child, pretrain.launch.command, or by hand as `python -m pretrain.launch.accelerate_quietly launch`).
 
 Accelerate reports a failed child as a CalledProcessError or torchrun's ChildFailedError traceback; here either becomes
 the code rank 0 recorded in $PRETRAIN_LAUNCH_DIR/exit_code, or one line of ours when no rank could record one.
@@ -58,19 +59,25 @@ def _describe(exitcode: int) -> str:
 
 
 def _remember_signal(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
-    """The launcher's signals go to the ranks themselves (start_training.sh); this process only waits for them.
+    """The launcher's signals go to the ranks themselves (pretrain.launch.supervisor); this process only waits for them.
     A Python handler, not SIG_IGN, so the training processes start with the default disposition."""
 
 
 def _record_local_ranks(args) -> None:
-    """How many rankN.pid files start_training.sh waits for before it passes on a signal that came during start-up."""
+    """How many rankN.pid files the supervisor waits for before it passes on a signal that came during start-up; its
+    being there also tells the supervisor that the planning is over and the launch has begun."""
     if args.num_processes:
         record(LOCAL_RANKS_FILE, str(max(1, args.num_processes // (args.num_machines or 1))))
 
 
-def run(argv: list[str]) -> int:
+def prepare(argv: list[str]):
+    """accelerate launch's parsed arguments; from here on the supervisor holds a signal for the ranks."""
     args = launch_command_parser().parse_args(argv)
     _record_local_ranks(args)
+    return args
+
+
+def launch(args) -> int:
     _drop_routine_agent_messages()
     LocalElasticAgent._stop_workers = _stop_workers_within_shutdown_timeout
     # One process runs through accelerate's simple launcher, which dies on SIGTERM/SIGINT and leaves its child behind;
@@ -100,7 +107,7 @@ def run(argv: list[str]) -> int:
 def main() -> None:
     if sys.argv[1:2] != ["launch"]:
         sys.exit("usage: python -m pretrain.launch.accelerate_quietly launch [accelerate launch flags] script [script flags]")
-    sys.exit(run(sys.argv[2:]))
+    sys.exit(launch(prepare(sys.argv[2:])))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
-"""Builds the `accelerate launch ... train.py ...` command for start_training.sh.
-
-Prints it NUL-separated (as `env K=V ... python -m pretrain.launch.accelerate_quietly launch ...`: accelerate launch with
-one-line errors) so the shell runs it without re-parsing;
-the human-readable plan goes to stderr. Config flags are validated here, before anything is spawned.
+"""The launcher's child: plans the `accelerate launch ... train.py ...` run, prints the plan (stderr) and the command
+(`running: ...`, stdout), then runs accelerate launch in this same process, so torch is imported here once.
+Config flags are validated here, before anything is spawned. pretrain.launch.supervisor starts it.
 """
 
 from __future__ import annotations
@@ -10,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,26 @@ from pretrain.memory import (
 )
 from pretrain.model.families import family_for
 from pretrain.plan import RunPlan
+from pretrain.protocol import EXIT_BAD_INPUT
 
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"  # the repository root
 STRATEGIES = ("auto", "ddp", "fsdp")
 # torchrun's agent SIGKILLs the ranks this long after passing on a SIGTERM; they need the grace period plus the
 # time to finish the step they are in and leave the process group.
 SHUTDOWN_MARGIN_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Launch:
+    env: dict[str, str]  # set for accelerate and the training processes
+    accelerate_args: list[str]  # accelerate launch's flags, then train.py and its flags
+
+    @property
+    def command(self) -> list[str]:
+        """The same launch as one shell command, as the `running:` line shows it (it runs the same way by hand)."""
+        env_words = [f"{key}={value}" for key, value in self.env.items()]
+        quietly = ["python", "-m", "pretrain.launch.accelerate_quietly", "launch"]
+        return ["env", *env_words, *quietly, *self.accelerate_args]
 
 
 @dataclass(frozen=True)
@@ -106,15 +119,14 @@ def choose_layout_for(request: LaunchRequest, config: TrainingConfig, gpus: int)
     return layout, lines
 
 
-def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -> tuple[list[str], list[str]]:
-    """(command, plan lines). The command is `env K=V ... python -m pretrain.launch.accelerate_quietly launch [flags] train.py
-    [train flags]`; empty for a dry run, whose whole plan is in the lines."""
+def plan_launch(request: LaunchRequest, available_gpus: int, cpu_count: int) -> tuple[Launch | None, list[str]]:
+    """(the launch, plan lines); no launch for a dry run, whose whole plan is in the lines."""
     config = parse_config(request.train_args)
     gpus = available_gpus if request.gpus is None else request.gpus
     if request.cpu_processes and gpus:
         raise ValueError("--cpu-processes is for machines without a GPU; drop it or pass --gpus 0")
     if config.dry_run:
-        return [], dry_run_lines(request, config, gpus)
+        return None, dry_run_lines(request, config, gpus)
     if gpus > available_gpus:
         raise ValueError(
             f"--gpus {gpus}: {'no GPU is' if not available_gpus else f'only {available_gpus} GPUs are'} visible on "
@@ -161,9 +173,7 @@ def build_command(request: LaunchRequest, available_gpus: int, cpu_count: int) -
     if processes > 1:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(math.ceil(config.preemption_grace_seconds) + SHUTDOWN_MARGIN_SECONDS)
     plan = [*RunPlan(config, processes, cuda=bool(gpus)).lines(), *memory_lines]
-    command = ["python", "-m", "pretrain.launch.accelerate_quietly", "launch", *flags, "train.py", *train_args]
-    env_words = [f"{key}={value}" for key, value in env.items()]
-    return ["env", *env_words, *command], plan
+    return Launch(env, [*flags, "train.py", *train_args]), plan
 
 
 def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> list[str]:
@@ -189,12 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         request = parse_launch_args(argv)
-        command, plan = build_command(request, visible_gpus(), os.cpu_count() or 1)
+        launch, plan = plan_launch(request, visible_gpus(), os.cpu_count() or 1)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     for line in plan:
         print(line, file=sys.stderr)
-    if command:
-        sys.stdout.write("\0".join(command) + "\0")
-    return 0
+    if launch is None:
+        return 0
+    # accelerate and torch.distributed: imported only to launch, not for a plan or a dry run
+    from pretrain.launch import accelerate_quietly
+
+    os.environ.update(launch.env)  # read by accelerate, torchrun and every training process it starts
+    args = accelerate_quietly.prepare(launch.accelerate_args)
+    print("running: " + shlex.join(launch.command), flush=True)
+    return accelerate_quietly.launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
