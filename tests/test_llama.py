@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from configs import TEST_MODEL, from_dict, get_config, with_changes
 from pretrain.cli import parse_config
-from pretrain.launch.command import build_command, parse_launch_args
+from pretrain.launch.command import parse_launch_args, plan_launch
 from pretrain.memory import plan_for_config, plan_memory, saved_for_backward_bytes
 from pretrain.model.build import (
     block_classes,
@@ -198,8 +198,9 @@ def test_export_loads_with_auto_model_and_computes_the_same(tmp_path):
 def test_fsdp_wraps_one_unit_per_llama_block():
     request = parse_launch_args(["--config", "test", "--model-type", "llama", "--gpus", "2", "--strategy", "fsdp",
                                  "--gpu-memory-gb", "24"])
-    command, _ = build_command(request, available_gpus=2, cpu_count=4)
-    assert command[command.index("--fsdp_transformer_layer_cls_to_wrap") + 1] == "LlamaDecoderLayer"
+    planned, _ = plan_launch(request, available_gpus=2, cpu_count=4)
+    flags = planned.accelerate_args
+    assert flags[flags.index("--fsdp_transformer_layer_cls_to_wrap") + 1] == "LlamaDecoderLayer"
 
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy

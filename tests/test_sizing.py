@@ -11,7 +11,7 @@ import pytest
 
 from configs import ModelConfig, get_config
 from pretrain.cli import parse_config
-from pretrain.launch.command import build_command, parse_launch_args
+from pretrain.launch.command import parse_launch_args, plan_launch
 from pretrain.model.build import build_model, count_parameters
 from pretrain.model.families import FAMILIES, family_for
 from pretrain.model.sizing import (
@@ -107,8 +107,8 @@ def test_sizing_errors_are_one_line_naming_the_flag(argv, fragment):
 def test_the_dry_run_prints_the_exact_count_before_anything_is_allocated():
     request = parse_launch_args(["--config", "production", "--model-type", "llama", "--target-params", "350M",
                                  "--gpus", "2", "--gpu-memory-gb", "24", "--dry-run"])
-    command, lines = build_command(request, available_gpus=0, cpu_count=2)
-    assert command == []
+    planned, lines = plan_launch(request, available_gpus=0, cpu_count=2)
+    assert planned is None
     text = "\n".join(lines)
     model = parse_config(request.train_args).model
     built = count_parameters(build_model(model, device="meta"))
