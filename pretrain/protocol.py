@@ -17,6 +17,7 @@ EXIT_BAD_INPUT = 2  # config, flag, data, checkpoint, bucket, disk: the last lin
 EXIT_NONFINITE = 3  # too many non-finite steps in a row
 EXIT_NOT_UPLOADED = 4  # the newest checkpoint is only on this machine's disk
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal; run the same command with --resume auto
+EXIT_RESTART = 76  # the run ended itself: a process stalled or a machine vanished; run the same command again
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: the shell's convention for death by SIGINT
 
 # The launch folder: the launcher creates it and names it in this variable; the training processes write into it.
