@@ -1,211 +1,219 @@
-"""GPU check of the production shape on one GPU: peak memory against pretrain/memory.py's plan (also under 24 GB
-and 40 GB caps), attention kernels, host syncs per step, tokens/s and MFU, eager against torch.compile, fused
-against foreach AdamW. Each check prints its own error and the next one runs; a time budget bounds the whole.
+"""GPU check of the production shape on one GPU through the product's own step: make_accelerator, prepare, train_step
+with the loop's per-step bookkeeping, and compiled_with_fallback. Measures peak allocated memory against
+pretrain/memory.py's plan on the card and under 40 and 24 GB caps, tokens/s and MFU eager and compiled, the
+attention kernels, host syncs per step, fused against foreach AdamW; prints one table and one JSON line.
 
-    python bench/gpu_check.py [--budget-seconds 420] [--steps 20] [--json results.json]
-    python bench/gpu_check.py --cpu-smoke      # the same code paths on the test model on CPU (no caps, no syncs)
+Needs only torch, transformers, accelerate, numpy and safetensors: no set-up, no network, no cloud SDK.
+
+    python3 bench/gpu_check.py [--budget-seconds 400] [--json results.json]
+    python3 bench/gpu_check.py --cpu-smoke      # the same code path on the test model on CPU (the suite runs this)
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import sys
 import time
-import traceback
-import warnings
-from pathlib import Path
 
-import torch
+STARTED = time.monotonic()  # the budget counts the imports too
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import TEST_MODEL, get_config  # noqa: E402
-from pretrain.memory import CUDA_CONTEXT_BYTES, GIB, USABLE_GIB, plan_memory  # noqa: E402
-from pretrain.model.build import (
-    build_model,
-    count_parameters,
-    enable_activation_checkpointing,
+from pretrain.agreement import Agreement  # noqa: E402
+from pretrain.loop import (  # noqa: E402
+    compiled_with_fallback,
+    count_skipped,
+    make_accelerator,
+    place_gradients_in_buckets,
+    train_step,
 )
-from pretrain.model.families import family_for
-from pretrain.model.peaks import peak_tflops_for_name
+from pretrain.memory import CUDA_CONTEXT_BYTES, GIB, USABLE_GIB, plan_memory  # noqa: E402
+from pretrain.metrics import Metrics, ThroughputModel  # noqa: E402
+from pretrain.model.build import build_model  # noqa: E402
+from pretrain.model.families import family_for  # noqa: E402
+from pretrain.model.peaks import peak_flops_per_device  # noqa: E402
+from pretrain.optim import build_optimizer  # noqa: E402
 
-ATTENTION_KERNELS = {"flash": "flash", "cudnn": "cudnn", "efficient": "efficient", "fmha": "efficient", "math": "math"}
+# (part, planned seconds on one H100, what it does). Estimates from the shapes (no GPU was available to time them):
+# a production step is 16,384 tokens x 8.2 GFLOP = 134 TFLOP, about 0.35 s at 40% of an H100's 989 TFLOPS.
+PARTS = (
+    ("start-up", 25, "imports, CUDA context, the Accelerator, the plan"),
+    ("eager", 45, "the card: model and optimizer, 1 warm-up step, 1 step counting syncs, 6 timed, 1 profiled"),
+    ("adamw", 20, "fused against foreach AdamW: 1 + 5 steps each on the production parameters"),
+    ("cap 40 GB", 30, "the configured layout in 39.4 GiB: the plan says it fits; 2 steps"),
+    ("cap 24 GB", 20, "the same in 22.5 GiB: the plan says it does not; out of memory at the first step"),
+    ("compiled", 180, "torch.compile (inductor) warmed up as the loop does (most of it), 4 timed steps, 1 profiled"),
+)
+PLANNED_SECONDS = sum(seconds for _, seconds, _ in PARTS)  # 320 of the 400 s budget: 80 s for compile variance
+ATTENTION_WORDS = ("attention", "fmha", "flash", "sdpa", "cudnn")
+CPU_ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention")
 
 
-class Budget:
-    def __init__(self, seconds: float):
-        self.deadline = time.monotonic() + seconds
+class Check:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = STARTED
+        self.smoke = args.cpu_smoke
+        production = get_config("production")
+        if self.smoke:  # the test model, bf16 autocast on CPU, dynamo without code generation
+            self.config = dataclasses.replace(production, model=TEST_MODEL, seq_len=128, per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=2, cpu_mixed_precision=True)
+        else:
+            self.config = production
+        self.backend = "eager" if self.smoke else self.config.compile_backend
+        self.accelerator = make_accelerator(self.config)
+        self.device = self.accelerator.device
+        self.cuda = self.device.type == "cuda"
+        self.precision = self.accelerator.mixed_precision
+        self.name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        self.total_bytes = torch.cuda.mem_get_info(self.device)[1] if self.cuda else 0
+        self.peak_flops = peak_flops_per_device(self.device, 0.0, self.precision)
+        model = self.config.model
+        self.flops_per_token = family_for(model).flops_per_token(model, self.config.seq_len)
+        self.results: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}
+
+    @property
+    def micro_batch(self) -> int:
+        return self.config.per_device_train_batch_size
+
+    @property
+    def accumulation(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    def plan(self, gpu_gib: float):
+        c = self.config
+        return plan_memory(c.model, seq_len=c.seq_len, micro_batch=self.micro_batch, accumulation=self.accumulation,
+                           num_gpus=1, strategy="ddp", activation_checkpointing=False,
+                           mixed_precision=self.precision, gpu_memory_gib=gpu_gib)
 
     def left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.args.budget_seconds - (time.monotonic() - self.started)
 
-
-class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.cuda = not args.cpu_smoke
-        self.device = torch.device("cuda" if self.cuda else "cpu")
-        config = get_config("production")
-        self.model_config = TEST_MODEL if args.cpu_smoke else config.model
-        self.seq_len = 128 if args.cpu_smoke else config.seq_len
-        self.micro_batch = 2 if args.cpu_smoke else config.per_device_train_batch_size
-        self.accumulation = 2
-        self.budget = Budget(args.budget_seconds)
-        self.results: dict[str, dict] = {}
-        self.name = torch.cuda.get_device_name() if self.cuda else "cpu"
-        self.total_bytes = torch.cuda.mem_get_info()[1] if self.cuda else 0
-        self.peak_tflops = peak_tflops_for_name(self.name, "bf16") if self.cuda else None
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-    def plan(self, gpu_gib: float, **changes):
-        arguments = dict(
-            seq_len=self.seq_len, micro_batch=self.micro_batch, accumulation=self.accumulation, num_gpus=1,
-            strategy="ddp", activation_checkpointing=False, mixed_precision="bf16", gpu_memory_gib=gpu_gib,
-        )
-        arguments.update(changes)
-        return plan_memory(self.model_config, **arguments)
-
-    def run_check(self, name: str, estimate_s: float, function, **kwargs):
-        if self.budget.left() < estimate_s:
-            print(f"[{name}] skipped: {self.budget.left():.0f} s of budget left, needs about {estimate_s:.0f} s")
-            self.results[name] = {"skipped": True}
+    def part(self, name: str, function, **kwargs) -> None:
+        planned = dict((part, seconds) for part, seconds, _ in PARTS)[name]
+        if not self.smoke and self.left() < planned:
+            self.results[name] = {"skipped": f"{self.left():.0f} s of budget left, planned {planned} s"}
+            print(f"[{name}] skipped: {self.results[name]['skipped']}", flush=True)
             return
-        print(f"[{name}] running")
+        print(f"[{name}] running", flush=True)
         started = time.monotonic()
         try:
             result = function(**kwargs)
-        except Exception as error:  # one check's failure must not stop the others
-            traceback.print_exc(limit=3)
+        except Exception as error:  # one part's failure must not stop the others
+            traceback.print_exc(limit=4)
             result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"}
         finally:
             self.release()
-        result["seconds"] = round(time.monotonic() - started, 1)
+        self.seconds[name] = round(time.monotonic() - started, 1)
         self.results[name] = result
-        print(f"[{name}] " + json.dumps(result))
+        print(f"[{name}] {self.seconds[name]} s: " + json.dumps(result), flush=True)
 
-    def release(self):
+    def release(self) -> None:
+        self.accelerator.free_memory()  # drops prepare()'s references, resets the accumulation counter
         gc.collect()
+        torch._dynamo.reset()
         if self.cuda:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        torch._dynamo.reset()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
 
-    def train(self, *, steps: int, compile_model: bool = False, fused: bool = True, attn: str = "causal_sdpa",
-              checkpointing: bool = False, micro_batch: int | None = None, cap_gib: float | None = None,
-              profile: bool = True, count_syncs: bool = True) -> dict:
-        micro_batch = micro_batch or self.micro_batch
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def batches(self) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        shape = (self.micro_batch, self.config.seq_len)
+        batches = [torch.randint(0, self.config.model.vocab_size, shape, generator=generator) for _ in range(4)]
+        return [batch.pin_memory() for batch in batches] if self.cuda else batches  # as the loop's loader
+
+    def train(self, *, steps: int, compiled: bool = False, cap_gib: float | None = None, count_syncs: bool = True,
+              profile: bool = True) -> dict:
+        """The product's step on the production shape, with the loop's per-step bookkeeping (non-finite counts, the
+        one-step-late agreement, the metrics of a step that is not logged)."""
         if cap_gib is not None and self.cuda:
-            # A card of cap_gib GiB whose CUDA context takes its share: what the allocator may use.
-            torch.cuda.set_per_process_memory_fraction((cap_gib * GIB - CUDA_CONTEXT_BYTES) / self.total_bytes)
+            # a card of cap_gib whose CUDA context takes its share: what the allocator may use
+            fraction = (cap_gib * GIB - CUDA_CONTEXT_BYTES) / self.total_bytes
+            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+        config, accelerator = self.config, self.accelerator
         torch.manual_seed(0)
-        model = build_model(self.model_config, device=self.device, attn_implementation=attn)
-        model.train()
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        size = count_parameters(model)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=1e-4, betas=(0.9, 0.95), fused=fused if self.cuda else None, foreach=None if fused else True,
-        )
-        run = model
-        if compile_model:
-            run = torch.compile(model, backend="inductor" if self.cuda else "aot_eager")
-        generator = torch.Generator(device="cpu").manual_seed(0)
-        vocab = self.model_config.vocab_size
-        batches = [torch.randint(0, vocab, (micro_batch, self.seq_len), generator=generator).to(self.device)
-                   for _ in range(4)]
-        accumulation = self.accumulation * self.micro_batch // micro_batch
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda)
+        model = build_model(config.model, device=self.device)
+        optimizer = build_optimizer(model, config)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        place_gradients_in_buckets(model, accelerator)
+        batches = self.batches()
+        result: dict = {"fused_adamw": bool(optimizer.optimizer.defaults.get("fused"))}
+        if compiled:
+            started = time.monotonic()
+            model = compiled_with_fallback(model, optimizer, accelerator, batches[0], self.backend)
+            self.synchronize()
+            result["compile_s"] = round(time.monotonic() - started, 1)
+            result["compiled"] = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        stream = itertools.cycle(batches)
+        consecutive = torch.zeros((), dtype=torch.int64, device=self.device)
+        skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        agreement = Agreement(self.device, accelerator.num_processes)
+        throughput = ThroughputModel(self.micro_batch * self.accumulation * config.seq_len, self.flops_per_token, None)
+        metrics = Metrics(Path(tempfile.gettempdir()), False, 10**9, 10**9, 0, throughput)  # not rank 0: no files
 
-        def micro_step(index: int):
-            input_ids = batches[index % len(batches)]
-            with autocast:
-                loss = run(input_ids=input_ids, labels=input_ids).loss / accumulation
-            loss.backward()
-            return loss.detach()
-
-        def step(index: int):
-            losses = [micro_step(index * accumulation + i) for i in range(accumulation)]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return torch.stack(losses).sum()
+        def step(number: int):
+            nonlocal consecutive, skipped
+            outcome = train_step(model, optimizer, accelerator, stream, self.accumulation, config.max_grad_norm, 1e-4)
+            consecutive, skipped = count_skipped(consecutive, skipped, outcome.skipped)
+            metrics.end_step(number, outcome.loss_sum, self.accumulation, accelerator)
+            agreement.exchange(False, False, False, consecutive)
+            return outcome
 
         started = time.monotonic()
-        step(0)  # compile, allocate the optimizer state
+        step(1)  # the optimizer state appears here
         self.synchronize()
-        first_step_s = time.monotonic() - started
-        warmup = 2
-        for index in range(1, warmup):
-            step(index)
-        syncs = None
+        result["first_step_s"] = round(time.monotonic() - started, 2)
         if count_syncs and self.cuda:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    step(warmup)
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+            result.update(self.syncs(lambda: step(2)))
         self.synchronize()
-        timed = max(1, steps - warmup - 1)
-        # Skipped under a cap: its zero gradients are an allocation the capped run would not make.
-        optimizer_ms = self.time_optimizer_step(optimizer) if self.cuda and cap_gib is None else None
         started = time.monotonic()
-        last = None
-        for index in range(timed):
-            last = step(warmup + 1 + index)
+        for number in range(steps):
+            last = step(3 + number)
         self.synchronize()
         elapsed = time.monotonic() - started
-        tokens = timed * accumulation * micro_batch * self.seq_len
-        tokens_per_s = tokens / elapsed
-        result = {
-            "loss": round(float(last), 4),
-            "first_step_s": round(first_step_s, 1),
-            "tokens_per_s": round(tokens_per_s),
-            "syncs_per_step": syncs,
-            "optimizer_step_ms": optimizer_ms,
-        }
-        if self.peak_tflops:
-            result["mfu"] = round(tokens_per_s * family_for(self.model_config).flops_per_token(self.model_config, self.seq_len)
-                                  / (self.peak_tflops * 1e12), 3)
+        tokens_per_s = steps * self.accumulation * self.micro_batch * config.seq_len / elapsed
+        result["loss"] = round(float(last.loss_sum) / self.accumulation, 4)
+        result["tokens_per_s"] = round(tokens_per_s)
+        result["mfu"] = round(tokens_per_s * self.flops_per_token / self.peak_flops, 3) if self.peak_flops else None
         if profile:
-            result["attention_kernels"] = self.attention_kernels(lambda: micro_step(0))
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated()
-            plan = self.plan(cap_gib or self.total_bytes / GIB, micro_batch=micro_batch, accumulation=accumulation,
-                             activation_checkpointing=checkpointing, fused_optimizer=fused)
-            # The plan's total includes the CUDA context and fragmentation, which max_memory_allocated does not see.
-            planned_allocated = plan.total - plan.overhead
-            result.update(peak_allocated_gib=round(peak / GIB, 2), plan_allocated_gib=round(planned_allocated / GIB, 2),
-                          peak_over_plan=round(peak / planned_allocated, 3), plan_verdict=plan.verdict,
-                          peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
-        del run, model, optimizer, batches
+            result["attention_kernels"] = self.attention_kernels(lambda: step(3 + steps))
+        result.update(self.memory(cap_gib))
         return result
 
-    def time_optimizer_step(self, optimizer) -> float:
-        """Milliseconds of one optimizer step (fused or foreach), with the gradients of the step before."""
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        optimizer.step()
-        end.record()
-        end.synchronize()
-        optimizer.zero_grad(set_to_none=True)
-        return round(start.elapsed_time(end), 2)
+    def syncs(self, function) -> dict:
+        """Host syncs in one step, by torch.cuda.set_sync_debug_mode: each synchronizing CUDA call warns once."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                function()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        found = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in found})
+        return {"syncs_per_step": len(found), "sync_sites": where[:5]}
 
     def attention_kernels(self, function) -> dict[str, int]:
-        """Which SDPA kernels one micro-step ran, by the names the profiler records (device kernels on CUDA)."""
+        """The attention kernels one step ran, with their counts: the device kernels the profiler records on CUDA
+        (flash, cuDNN, memory-efficient or math), the SDPA implementation ops on CPU."""
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -214,67 +222,147 @@ class Bench:
             self.synchronize()
         seen: dict[str, int] = {}
         for event in profiler.key_averages():
-            name = event.key.lower()
-            if not any(word in name for word in ("attention", "fmha", "flash", "sdpa")):
-                continue
-            kind = next((label for key, label in ATTENTION_KERNELS.items() if key in name), "other")
-            seen[f"{kind}: {event.key[:90]}"] = event.count
+            if self.cuda:
+                wanted = event.device_type == torch.autograd.DeviceType.CUDA and any(
+                    word in event.key.lower() for word in ATTENTION_WORDS)
+            else:
+                wanted = event.key.startswith(CPU_ATTENTION_OPS)
+            if wanted:
+                seen[event.key[:90]] = event.count
         return seen
 
-    def synchronize(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+    def memory(self, cap_gib: float | None) -> dict:
+        if not self.cuda:
+            return {}
+        plan = self.plan(cap_gib or self.total_bytes / GIB)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {
+            "peak_allocated_gib": round(peak / GIB, 2),
+            "plan_allocated_gib": round(plan.allocated / GIB, 2),
+            "peak_over_plan": round(peak / plan.allocated, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(self.device) / GIB, 2),
+            # what the process holds outside PyTorch's allocator: CUDA context, cuBLAS/cuDNN workspaces (the plan's
+            # CUDA_CONTEXT_BYTES guess), if nothing else runs on the card
+            "outside_allocator_gib": round((total - free - torch.cuda.memory_reserved(self.device)) / GIB, 2),
+            "plan_total_gib": round(plan.total / GIB, 2),
+            "plan_verdict": plan.verdict,
+        }
 
-    def capped(self, verdict: str, **kwargs) -> dict:
-        """A layout under a memory cap: the plan agrees when "does not fit" meets an out-of-memory error and
-        "fits" or "tight" runs through."""
+    def capped(self, cap_gib: float) -> dict:
+        """The plan's verdict for a card of cap_gib against what happens: "does not fit" should meet an out-of-memory
+        error and "fits" or "tight" should run through."""
+        verdict = self.plan(cap_gib).verdict
         try:
-            result = self.train(profile=False, count_syncs=False, **kwargs)
+            result = self.train(steps=1, cap_gib=cap_gib, count_syncs=False, profile=False)
             result["out_of_memory"] = False
         except torch.OutOfMemoryError as error:
-            result = {"out_of_memory": True, "message": str(error).splitlines()[0][:200]}
+            result = {"out_of_memory": True, "message": str(error).splitlines()[0][:160]}
         result["plan_verdict"] = verdict
         result["plan_agrees"] = result["out_of_memory"] == (verdict == "does not fit")
         return result
 
+    def adamw(self) -> dict:
+        """Milliseconds per AdamW step on the production parameters: the product's optimizer (fused on CUDA) against
+        the foreach implementation, with zero gradients."""
+        model = build_model(self.config.model, device=self.device)
+        for parameter in model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        product = build_optimizer(model, self.config)
+        foreach = torch.optim.AdamW(product.param_groups[0]["params"] + product.param_groups[1]["params"], lr=1e-4,
+                                    foreach=True)
+        result = {"fused": bool(product.defaults.get("fused"))}
+        for name, optimizer in (("product_ms", product), ("foreach_ms", foreach)):
+            optimizer.step()  # the state appears here
+            self.synchronize()
+            started = time.monotonic()
+            for _ in range(5):
+                optimizer.step()
+            self.synchronize()
+            result[name] = round((time.monotonic() - started) / 5 * 1000, 2)
+            optimizer.state.clear()
+        return result
+
+    def run(self) -> dict:
+        c = self.config
+        plan = self.plan(self.total_bytes / GIB if self.cuda else 80)
+        self.seconds["start-up"] = round(time.monotonic() - self.started, 1)
+        self.results["start-up"] = {"device": self.name, "torch": torch.__version__, "precision": self.precision,
+                                    "plan": plan.describe_layout(),
+                                    "plan_allocated_gib": round(plan.allocated / GIB, 2)}
+        print(f"device: {self.name}, {self.total_bytes / GIB:.1f} GiB, torch {torch.__version__}, {self.precision}, "
+              f"peak {self.peak_flops / 1e12 if self.peak_flops else None} TFLOPS; {c.seq_len} tokens x micro-batch "
+              f"{self.micro_batch} x accumulation {self.accumulation}", flush=True)
+        steps = 2 if self.smoke else 6
+        self.part("eager", self.train, steps=steps)
+        self.part("adamw", self.adamw)
+        if self.cuda:
+            for name, gib in (("cap 40 GB", USABLE_GIB[40]), ("cap 24 GB", USABLE_GIB[24])):
+                self.part(name, self.capped, cap_gib=gib)
+        self.part("compiled", self.train, steps=max(2, steps - 2), compiled=True)
+        return {"device": self.name, "torch": torch.__version__, "budget_s": self.args.budget_seconds,
+                "planned_s": dict((part, seconds) for part, seconds, _ in PARTS), "seconds": self.seconds,
+                "parts": self.results}
+
+
+def table(summary: dict) -> str:
+    """One line per part: planned and used seconds, and what it found."""
+    lines = [f"{'part':<11}{'planned s':>10}{'used s':>8}  result"]
+    for name, planned, _ in PARTS:
+        result = summary["parts"].get(name)
+        used = summary["seconds"].get(name)
+        lines.append(f"{name:<11}{planned:>10}{'' if used is None else used:>8}  {describe(name, result)}")
+    total = sum(summary["seconds"].values())
+    lines.append(f"{'total':<11}{PLANNED_SECONDS:>10}{total:>8.1f}  of a {summary['budget_s']:.0f} s budget")
+    return "\n".join(lines)
+
+
+def describe(name: str, result: dict | None) -> str:
+    if result is None:
+        return "not run (no GPU)"
+    if "skipped" in result or "error" in result:
+        return result.get("skipped") or result["error"]
+    if name == "start-up":
+        return f"plan: {result['plan']}, {result['plan_allocated_gib']} GiB allocated"
+    if name == "adamw":
+        return f"fused {result['fused']}: {result['product_ms']} ms per step, foreach {result['foreach_ms']} ms"
+    parts = []
+    if "peak_allocated_gib" in result:
+        parts.append(f"peak {result['peak_allocated_gib']} GiB vs plan {result['plan_allocated_gib']} "
+                     f"({result['peak_over_plan']}x), reserved {result['peak_reserved_gib']}, outside the allocator "
+                     f"{result['outside_allocator_gib']}")
+    if "out_of_memory" in result:
+        parts.append(f"plan {result['plan_verdict']}, {'out of memory' if result['out_of_memory'] else 'ran'}: "
+                     f"{'agrees' if result['plan_agrees'] else 'DISAGREES'}")
+    if "tokens_per_s" in result:
+        mfu = f", MFU {100 * result['mfu']:.1f}%" if result.get("mfu") else ""
+        parts.append(f"{result['tokens_per_s']:,} tok/s{mfu}")
+    if "compile_s" in result:
+        parts.append(f"compile {result['compile_s']} s{'' if result['compiled'] else ' (FELL BACK TO EAGER)'}")
+    if result.get("syncs_per_step") is not None:
+        parts.append(f"{result['syncs_per_step']} syncs/step")
+    if result.get("attention_kernels"):
+        parts.append("attention: " + ", ".join(f"{k} x{v}" for k, v in list(result["attention_kernels"].items())[:3]))
+    return "; ".join(parts)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-seconds", type=float, default=420.0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: exercises the code paths only")
+    parser.add_argument("--budget-seconds", type=float, default=400.0)
+    parser.add_argument("--cpu-smoke", action="store_true", help="the test model on CPU: the same code path, no GPU")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check.py: no CUDA GPU visible; run with --cpu-smoke to exercise the code on CPU", file=sys.stderr)
         return 2
-    bench = Bench(args)
-    steps = 3 if args.cpu_smoke else args.steps
-    print(f"device: {bench.name}, {bench.total_bytes / GIB:.1f} GiB, peak bf16 {bench.peak_tflops} TFLOPS, "
-          f"torch {torch.__version__}")
-    if bench.cuda:
-        print("\n".join(bench.plan(bench.total_bytes / GIB).lines()))
-
-    bench.run_check("eager", 60, bench.train, steps=steps)
-    if bench.cuda:
-        for gib in (USABLE_GIB[40], USABLE_GIB[24]):
-            bench.run_check(f"cap_{gib:g}GiB", 40, bench.capped, verdict=bench.plan(gib).verdict, steps=4, cap_gib=gib)
-        smallest = bench.plan(USABLE_GIB[24], micro_batch=1, accumulation=bench.accumulation * bench.micro_batch,
-                              activation_checkpointing=True)
-        bench.run_check(f"cap_{USABLE_GIB[24]:g}GiB_checkpointed_micro1", 40, bench.capped, verdict=smallest.verdict,
-                        steps=4, cap_gib=USABLE_GIB[24], micro_batch=1, checkpointing=True)
-    bench.run_check("eager_foreach_adamw", 45, bench.train, steps=max(3, steps // 2), fused=False, profile=False)
-    bench.run_check("eager_transformers_sdpa", 40, bench.train, steps=4, attn="sdpa", count_syncs=True)
-    bench.run_check("compiled", 200, bench.train, steps=steps, compile_model=True)
-    bench.run_check("compiled_checkpointed", 200, bench.train, steps=max(4, steps // 2), compile_model=True,
-                    checkpointing=True)
-
-    summary = {"device": bench.name, "torch": torch.__version__, "checks": bench.results}
-    print("summary " + json.dumps(summary))
+    summary = Check(args).run()
+    print(table(summary))
+    print("gpu_check.json " + json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
-    failed = [name for name, result in bench.results.items() if "error" in result]
-    return 1 if failed else 0
+    failed = [name for name, result in summary["parts"].items() if "error" in result]
+    disagreed = [name for name, result in summary["parts"].items() if result.get("plan_agrees") is False]
+    return 1 if failed or disagreed else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ def one_line(error: BaseException | str, max_chars: int = MAX_CHARS) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
+def cause_line(error: BaseException) -> str:
+    """A library error's first line, with the next one when the first only announces it (torch.compile's
+    "backend='inductor' raised:" and then the cause)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+
+
 def os_reason(error: BaseException) -> str:
     """What went wrong in a write, in the system's words where it has them ("No space left on device")."""
     return getattr(error, "strerror", None) or one_line(error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,6 +10,9 @@ from accelerate import Accelerator
 
 from configs import TrainingConfig
 from pretrain.data.samples import TokenSamples, make_eval_batches
+from pretrain.errors import cause_line
+
+log = logging.getLogger(__name__)
 
 
 class Evaluator:
@@ -16,6 +20,7 @@ class Evaluator:
         self.config = config
         self.accelerator = accelerator
         self.data = data
+        self._eager_only = False
 
     def due(self, step: int) -> bool:
         """Every eval_steps, and always after the last step (before its checkpoint, so best_eval_loss includes it)."""
@@ -23,19 +28,39 @@ class Evaluator:
         return self.data is not None and (step == self.config.max_steps or (every > 0 and step % every == 0))
 
     def evaluate(self, model: torch.nn.Module) -> float:
-        """Mean loss over the eval batches of every process (one host sync)."""
+        """Mean loss over the eval batches of every process (one host sync).
+
+        A compiled model compiles again for evaluation (no_grad, eval mode) at its first one; a backend that fails
+        there falls back to the eager model for this and every later evaluation, as the training's warm-up does."""
+        if self._eager_only:
+            model = getattr(model, "_orig_mod", model)
+        try:
+            return self._evaluate(model)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
+            eager = getattr(model, "_orig_mod", None)
+            if eager is None:
+                raise
+            log.warning("torch.compile failed at the first evaluation (%s); evaluating without it", cause_line(error))
+            self._eager_only = True
+            return self._evaluate(eager)
+
+    def _evaluate(self, model: torch.nn.Module) -> float:
         config, accelerator = self.config, self.accelerator
         model.eval()
         total = torch.zeros((), device=accelerator.device)
         count = 0
-        with torch.no_grad():
-            for input_ids in make_eval_batches(self.data, config.per_device_train_batch_size,
-                                               accelerator.process_index, accelerator.num_processes,
-                                               config.eval_batches):
-                input_ids = input_ids.to(accelerator.device)
-                total += model(input_ids=input_ids, labels=input_ids).loss.detach()
-                count += 1
-        model.train()
+        try:
+            with torch.no_grad():
+                for input_ids in make_eval_batches(self.data, config.per_device_train_batch_size,
+                                                   accelerator.process_index, accelerator.num_processes,
+                                                   config.eval_batches):
+                    input_ids = input_ids.to(accelerator.device)
+                    total += model(input_ids=input_ids, labels=input_ids).loss.detach()
+                    count += 1
+        finally:
+            model.train()
         return accelerator.reduce(total / count, reduction="mean").item()
 
 

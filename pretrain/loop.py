@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,11 +23,14 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import (
+    AutocastKwargs,
     DistributedDataParallelKwargs,
     DistributedType,
+    FullyShardedDataParallelPlugin,
     broadcast_object_list,
     set_seed,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from configs import TrainingConfig, as_dict, from_dict
 from pretrain.agreement import Agreement
@@ -36,6 +40,7 @@ from pretrain.checkpoint.train_state import TrainState
 from pretrain.data.samples import make_train_loader
 from pretrain.data.training_data import FrozenShards, prepare_training_data
 from pretrain.distributed import on_main
+from pretrain.errors import cause_line
 from pretrain.evaluation import Evaluator, eval_values
 from pretrain.memory import measured_gpu_memory_gib, plan_for_config
 from pretrain.metrics import Metrics, ThroughputModel
@@ -82,16 +87,83 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss upcast, any fp32 run) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    precision = effective_mixed_precision(config, cuda)
     # cpu=True matters: without it a CPU-only multi-process launch gives independent runs with no all-reduce.
     # gradient_as_bucket_view: DDP's gradients are views into its all-reduce buckets instead of a second fp32 copy
-    # (5.3 GiB per GPU for the production model; see the memory plan).
+    # (5.3 GiB per GPU for the production model; see the memory plan and zero_gradients).
+    # cache_enabled=False: autocast's cache would keep every layer's bf16 weight copy until the forward pass ends,
+    # also under activation checkpointing (2.4 GiB for the production model); each weight is cast once per forward
+    # pass anyway, so the cache saves nothing and the values are the same.
     return Accelerator(
         cpu=not cuda,
-        mixed_precision=effective_mixed_precision(config, cuda),
+        mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        fsdp_plugin=fsdp_plugin_from_launch(precision),
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                         AutocastKwargs(cache_enabled=False)],
     )
+
+
+def fsdp_mixed_precision(precision: str):
+    """FSDP1's policy for a run's precision: parameters and gradient reductions in bf16/fp16, buffers in fp32.
+
+    Accelerate's own policy casts the buffers too, which turns GPT-NeoX's rotary inv_freq into bf16 (about one radian
+    off at position 1000): a model trained under FSDP would then differ from its fp32 export and from the same run
+    resumed under DDP, whose autocast leaves buffers alone. None for fp32 runs (no policy)."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return None
+    return MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=torch.float32)
+
+
+def fsdp_plugin_from_launch(precision: str) -> FullyShardedDataParallelPlugin | None:
+    """Accelerate's FSDP plugin as `accelerate launch` configures it (from its environment), with our
+    mixed-precision policy; None when the launch is not FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    plugin = FullyShardedDataParallelPlugin()
+    policy = fsdp_mixed_precision(precision)
+    if policy is not None and plugin.fsdp_version == 1:  # FSDP2 never casts buffers
+        plugin.mixed_precision_policy = policy
+    return plugin
+
+
+def keeps_gradients_in_buckets(model: torch.nn.Module) -> bool:
+    """Under DDP (also compiled) the gradients are views of the all-reduce buckets and stay so for the whole run."""
+    return isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)
+
+
+def zero_gradients(model: torch.nn.Module, optimizer) -> None:
+    """Under DDP zeroed in place: a gradient set to None would make the next micro-batch under no_sync allocate a
+    fresh fp32 copy beside the buckets (the buckets never go away), 4 bytes per parameter more at every step after the
+    first, while the optimizer state exists. Elsewhere dropped, so the memory is free until the next backward pass."""
+    optimizer.zero_grad(set_to_none=not keeps_gradients_in_buckets(model))
+
+
+def place_gradients_in_buckets(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Under DDP, before the compile warm-up and the first step: a synchronised backward of a zero loss on two tokens,
+    after which every gradient is a view of its bucket (DDP makes it one only in a synchronised backward).
+    Otherwise the first micro-batches, and the warm-up, would allocate their gradients beside the buckets; after a
+    resume the optimizer state is already loaded then, the moment a second fp32 copy does not fit. In this backward
+    each gradient is copied into its bucket as it arrives, so at most one parameter's fresh gradient exists at a time.
+    The gradients end at zero, as if untouched; no data, RNG or step is used, and the buckets are the ones DDP would
+    have built after the first step."""
+    if not keeps_gradients_in_buckets(model):
+        return
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=accelerator.device)
+    (model(input_ids=tokens, labels=tokens).loss * 0).backward()
+    with model.no_sync():
+        # DDP remakes its buckets (in the order gradients arrived) at the next forward: here, not in the first step,
+        # where old and new buckets would overlap beside the activations. The backward frees this forward's graph
+        # now (transformers' outputs can sit in a reference cycle until the garbage collector runs).
+        (model(input_ids=tokens, labels=tokens).loss * 0).backward()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter.grad.zero_()
 
 
 def train_step(model: torch.nn.Module, optimizer, accelerator: Accelerator, batches: Iterator[torch.Tensor],
@@ -120,7 +192,7 @@ def train_step(model: torch.nn.Module, optimizer, accelerator: Accelerator, batc
     else:
         optimizer.step()
         skipped = torch.tensor(accelerator.optimizer_step_was_skipped, device=accelerator.device)  # fp16 overflow
-    optimizer.zero_grad(set_to_none=True)
+    zero_gradients(model, optimizer)
     return StepResult(loss_sum, grad_norm, skipped)
 
 
@@ -130,6 +202,36 @@ def clip_gradients(model: torch.nn.Module, accelerator: Accelerator, max_norm: f
         accelerator.unscale_gradients()
         return model.clip_grad_norm_(max_norm)
     return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def count_skipped(consecutive: torch.Tensor, total: torch.Tensor,
+                  skipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-finite steps in a row and in all, on the device: no host sync for counts read only when logged or
+    agreed on."""
+    return torch.where(skipped, consecutive + 1, 0), total + skipped.to(torch.int64)
+
+
+def compiled_with_fallback(model: torch.nn.Module, optimizer, accelerator: Accelerator, batch: torch.Tensor,
+                           backend: str) -> torch.nn.Module:
+    """torch.compile after prepare(), as Accelerate does, then one forward/backward on a real batch before the
+    clock starts: compilation happens there (lazily), so a backend that fails falls back to eager instead of
+    killing the run, and the compile time stays out of the throughput figures. Its gradients are zeroed (under DDP
+    they accumulate in the buckets, placed there before: no second copy with a resumed optimizer state)."""
+    compiled = torch.compile(model, backend=backend)
+    batch = batch.to(accelerator.device)
+    try:
+        with accelerator.no_sync(compiled):
+            compiled(input_ids=batch, labels=batch).loss.backward()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
+        log.warning("torch.compile (backend %s) failed at the first step (%s); training without it", backend,
+                    cause_line(error))
+        torch._dynamo.reset()
+        compiled = model
+    finally:
+        zero_gradients(compiled, optimizer)
+    return compiled
 
 
 def _skips_on_device(optimizer, accelerator: Accelerator) -> bool:
@@ -208,6 +310,9 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if resumed is not None:
             self.checkpointer.restore(resumed, self.model, self.optimizer)
+        # After the restore: torch's optimizer-state loader sets its state up by a zero-gradient step, and skips that
+        # (then fails) when gradients already exist.
+        place_gradients_in_buckets(self.model, accelerator)
         self.state = self._train_state(resumed, pretrained)
         if config.compile_model:
             self.model = self._compiled(self.model)
@@ -245,7 +350,9 @@ class Trainer:
             self._log_step(result)
             self._maybe_evaluate()
             signals = self._agree(result)
+            blocked = self.checkpointer.blocked_seconds
             self.checkpointer.step_done(state, model, self.optimizer, signals)
+            self.metrics.exclude(self.checkpointer.blocked_seconds - blocked)
         self.checkpointer.save(state, model, self.optimizer, "final")
         self.checkpointer.wait_written()  # a failed final write ends the run here, before the export writes anything
         if config.export_final_model:
@@ -269,9 +376,8 @@ class Trainer:
         return signals
 
     def _count_skipped(self, result: StepResult) -> None:
-        """On the device: no host sync for a count that is read only when logged or agreed on."""
-        self.consecutive_nonfinite = torch.where(result.skipped, self.consecutive_nonfinite + 1, 0)
-        self.skipped_total += result.skipped.to(torch.int64)
+        self.consecutive_nonfinite, self.skipped_total = count_skipped(self.consecutive_nonfinite, self.skipped_total,
+                                                                       result.skipped)
 
     def _log_step(self, result: StepResult) -> None:
         state = self.state
@@ -293,10 +399,13 @@ class Trainer:
     def _maybe_evaluate(self) -> None:
         if not self.evaluator.due(self.state.step):
             return
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's queued work stays training time; the evaluation waits for it anyway
+        started = time.perf_counter()
         loss = self.evaluator.evaluate(self.model)
         self.state.best_eval_loss = min(self.state.best_eval_loss, loss)
         self.metrics.publish(self.state.step, eval_values(loss))
-        self.metrics.start_window(self.state.step)
+        self.metrics.exclude(time.perf_counter() - started)
 
     def _check_branch_point(self, state: TrainState) -> None:
         """A cooldown branch starts where its main run's rate is at its peak: after warmup, before any decay."""
@@ -374,8 +483,10 @@ class Trainer:
             return setting == "true"
         strategy = "fsdp" if self.accelerator.distributed_type == DistributedType.FSDP else "ddp"
         gib = self.config.gpu_memory_gb or measured_gpu_memory_gib(self.accelerator.device.index or 0)
-        layout = plan_for_config(self.config, num_gpus=self.accelerator.num_processes, gpu_memory_gib=gib,
-                                 strategy=strategy, activation_checkpointing="false", keep_micro_batch=True,
+        processes = self.accelerator.num_processes
+        nodes = max(1, processes // int(os.environ.get("LOCAL_WORLD_SIZE") or processes))  # set by torchrun
+        layout = plan_for_config(self.config, num_gpus=processes, gpu_memory_gib=gib, strategy=strategy,
+                                 activation_checkpointing="false", keep_micro_batch=True, nodes=nodes,
                                  ddp_gradient_as_bucket_view=True)
         self._log("\n".join(layout.plan.lines()))
         if not layout.fits:
@@ -383,28 +494,11 @@ class Trainer:
         return not layout.fits
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
-        """torch.compile after prepare(), as Accelerate does, then one forward/backward on a real batch before the
-        clock starts: compilation happens there (lazily), so a backend that fails falls back to eager instead of
-        killing the run, and the compile time stays out of the throughput figures. The gradients are dropped."""
         config = self.config
         started = time.monotonic()
-        compiled = torch.compile(model, backend=config.compile_backend)
-        batch = torch.stack([self.data.train[i] for i in range(self.state.samples_consumed,
-                                                                self.state.samples_consumed + config.per_device_train_batch_size)])
-        try:
-            with self.accelerator.no_sync(compiled):
-                compiled(input_ids=batch.to(self.accelerator.device), labels=batch.to(self.accelerator.device)).loss.backward()
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-            reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "backend='x' raised:" + the cause
-            log.warning("torch.compile (backend %s) failed at the first step (%s); training without it",
-                        config.compile_backend, reason)
-            torch._dynamo.reset()
-            compiled = model
-        finally:
-            self.optimizer.zero_grad(set_to_none=True)
+        first = self.state.samples_consumed
+        batch = torch.stack([self.data.train[i] for i in range(first, first + config.per_device_train_batch_size)])
+        compiled = compiled_with_fallback(model, self.optimizer, self.accelerator, batch, config.compile_backend)
         self._log(f"compiled the model in {time.monotonic() - started:.1f} s (backend {config.compile_backend})")
         return compiled
 

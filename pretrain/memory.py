@@ -64,9 +64,15 @@ def saved_for_backward_bytes(
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per GPU. `total` is the expected peak of the whole process, `headroom` what the card has left."""
+    """Bytes per GPU. `total` is the expected peak of the whole process, `headroom` what the card has left.
 
-    strategy: str  # "ddp" (one GPU: no wrapper) or "fsdp" (FULL_SHARD, one unit per layer)
+    The peak is the largest of three moments, each measured on CPU with torch's MemTracker around train_step
+    (tests/test_memory_tracker.py): the start of the backward pass (every activation saved, the loss's fp32 logits
+    and their gradients: the `production` model's peak), a block's backward pass (the saved activations of the
+    blocks before it, its own working set, under checkpointing its recomputed activations), and the optimizer step.
+    """
+
+    strategy: str  # "ddp" (one GPU: no wrapper) or "fsdp" (FULL_SHARD, one unit per layer; HYBRID_SHARD across nodes)
     activation_checkpointing: bool
     num_gpus: int
     micro_batch: int
@@ -75,27 +81,43 @@ class MemoryPlan:
     mixed_precision: str
     gpu_memory_bytes: int
     weights: int
-    gradients: int
+    gradients: int  # fp32; under FSDP the sharded ones, which exist only from a unit's last backward to zero_grad
     optimizer: int
     low_precision_weights: int  # autocast's bf16/fp16 copies of fp32 weights, kept for the backward pass
-    ddp_buckets: int
-    fsdp_unsharded: int  # all-gathered parameters (and gradients) of the units in flight, no_sync gradients
-    activations: int  # saved by all layers for the backward pass, plus one layer's backward working set
-    logits_and_loss: int
+    ddp_buckets: int  # a second fp32 gradient copy: 0 with gradient_as_bucket_view (the loop's setting)
+    fsdp_unsharded: int  # gathered parameters in flight at the backward's start, no_sync's unsharded gradients
+    activations: int  # what autograd keeps from the forward pass for the backward pass, the loss's excepted
+    logits_and_loss: int  # the fp32 logits, log-softmax and their gradients at the start of the backward pass
+    layer_backward: int  # a block's backward beyond the above, net of what the loss's backward has freed by then
     optimizer_step_temporaries: int  # foreach AdamW's intermediates; the step runs after activations are freed
     overhead: int  # CUDA context, NCCL, allocator fragmentation
+    shards: int = 1  # the GPUs the FSDP state is divided over (those of one node under HYBRID_SHARD)
 
     @property
     def static(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.ddp_buckets
 
     @property
+    def backward_working(self) -> int:
+        """The larger of the loss's backward working set and a block's."""
+        return max(self.logits_and_loss, self.layer_backward)
+
+    @property
+    def in_backward(self) -> int:
+        """Allocated at the backward pass's peak. FSDP's sharded gradients appear only as its units finish (they are
+        dropped at every step), so under FSDP they are not there; DDP's buckets and a lone GPU's gradients are."""
+        gradients = 0 if self.strategy == "fsdp" else self.gradients
+        return (self.weights + self.optimizer + self.ddp_buckets + gradients + self.low_precision_weights
+                + self.fsdp_unsharded + self.activations + self.backward_working)
+
+    @property
+    def allocated(self) -> int:
+        """The expected peak of allocated tensors (torch.cuda.max_memory_allocated), overhead excepted."""
+        return max(self.in_backward, self.static + self.optimizer_step_temporaries)
+
+    @property
     def total(self) -> int:
-        transient = max(
-            self.low_precision_weights + self.fsdp_unsharded + self.activations + self.logits_and_loss,
-            self.optimizer_step_temporaries,
-        )
-        return self.static + transient + self.overhead
+        return self.allocated + self.overhead
 
     @property
     def headroom(self) -> int:
@@ -116,18 +138,24 @@ class MemoryPlan:
     def describe_layout(self) -> str:
         checkpointing = " + activation checkpointing" if self.activation_checkpointing else ""
         strategy = "1 GPU" if self.num_gpus == 1 else f"{self.strategy.upper()} on {self.num_gpus} GPUs"
+        if self.strategy == "fsdp" and self.shards != self.num_gpus:
+            strategy += f" (sharded over the {self.shards} of a node)"
         return f"{strategy}{checkpointing}, micro-batch {self.micro_batch} x accumulation {self.accumulation}"
 
     def lines(self) -> list[str]:
+        gradients = "gradients" + (" (sharded, after backward)" if self.strategy == "fsdp" else "")
+        working = (("logits and loss", self.logits_and_loss) if self.logits_and_loss >= self.layer_backward
+                   else ("one block's backward" + (" (recomputed)" if self.activation_checkpointing else ""),
+                         self.layer_backward))
         rows = [
             ("weights", self.weights),
-            ("gradients", self.gradients),
+            (gradients, self.gradients),
             ("optimizer state (AdamW)", self.optimizer),
             ("low-precision weight copies", self.low_precision_weights),
             ("DDP gradient buckets", self.ddp_buckets),
             ("FSDP unsharded params/grads", self.fsdp_unsharded),
             ("activations" + (" (checkpointed)" if self.activation_checkpointing else ""), self.activations),
-            ("logits and loss", self.logits_and_loss),
+            working,
             ("optimizer step temporaries", self.optimizer_step_temporaries),
             ("CUDA context, NCCL, fragmentation", self.overhead),
         ]
@@ -153,20 +181,22 @@ def plan_memory(
     flash_attention: bool = True,
     ddp_gradient_as_bucket_view: bool = False,
     fsdp_sync_each_micro_batch: bool = False,
+    nodes: int = 1,
 ) -> MemoryPlan:
     """The memory of one GPU for a layout; see MemoryPlan. Assumptions (those of pretrain/loop.py today):
 
-    AdamW with fp32 moments; mixed precision by autocast over fp32 weights under DDP, by FSDP's bf16/fp16
-    parameters under FSDP (Accelerate's policy); DDP without gradient_as_bucket_view (Accelerate's default: a
-    second fp32 copy of the gradients); FSDP1 FULL_SHARD with one unit per block (the family's layer class), whose no_sync (used by
-    Accelerate's accumulate) keeps every unit's unsharded gradient between micro-batches.
+    AdamW with fp32 moments; mixed precision by autocast over fp32 weights under DDP (its weight cache off), by
+    FSDP's bf16/fp16 parameters under FSDP (buffers in fp32); DDP without gradient_as_bucket_view (Accelerate's
+    default: a second fp32 copy of the gradients) unless told; FSDP1 with one unit per block (the family's layer
+    class), FULL_SHARD on one node and HYBRID_SHARD (sharded within a node, replicated across nodes) on several,
+    whose no_sync (used by Accelerate's accumulate) keeps every unit's unsharded gradient between micro-batches.
     """
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy {strategy!r}: expected 'ddp' or 'fsdp'")
     if mixed_precision not in ("bf16", "fp16", "no"):
         raise ValueError(f"mixed_precision {mixed_precision!r}: expected 'bf16', 'fp16' or 'no'")
-    if min(seq_len, micro_batch, accumulation, num_gpus) < 1 or gpu_memory_gib <= 0:
-        raise ValueError("seq_len, micro_batch, accumulation and num_gpus must be >= 1 and gpu_memory_gib > 0")
+    if min(seq_len, micro_batch, accumulation, num_gpus, nodes) < 1 or gpu_memory_gib <= 0:
+        raise ValueError("seq_len, micro_batch, accumulation, num_gpus and nodes must be >= 1 and gpu_memory_gib > 0")
 
     family = family_for(model)
     params = family.parameter_count(model)
@@ -174,51 +204,52 @@ def plan_memory(
     root_params = params - model.num_hidden_layers * layer_params  # embeddings, output projection, final norm
     low = 4 if mixed_precision == "no" else 2
     fsdp = strategy == "fsdp" and num_gpus > 1
-    shards = num_gpus if fsdp else 1
+    # HYBRID_SHARD (configs/accelerate/multi_node_fsdp.yaml) shards within a node and replicates across nodes.
+    shards = max(1, num_gpus // nodes) if fsdp else 1
 
     weights = 4 * params // shards
     gradients = 4 * params // shards
     optimizer = 8 * params // shards
     ddp_buckets = 4 * params if (not fsdp and num_gpus > 1 and not ddp_gradient_as_bucket_view) else 0
-    # Autocast casts each fp32 matrix once per forward and the matmul keeps the copy for its backward pass; with
-    # checkpointing a layer's copies are made again in its recompute, so only one layer's exist at a time.
-    h = model.hidden_size
-    layer_matrices = family.layer_matrix_parameters(model)
-    copied_layers = 1 if activation_checkpointing else model.num_hidden_layers
-    low_precision_weights = 0
-    if low == 2 and not fsdp:
-        low_precision_weights = 2 * (model.vocab_size * h + copied_layers * layer_matrices)
+    h, tokens = model.hidden_size, micro_batch * seq_len
+    residual = 4 if (low == 4 or not fsdp) else 2
+    # Autocast (cache off) casts each fp32 matrix as a matmul uses it, and the matmul keeps the copy for its
+    # backward pass; checkpointed blocks drop theirs, so only the output projection's stays until the backward.
+    layer_copies = 2 * family.layer_matrix_parameters(model) if (low == 2 and not fsdp) else 0
+    output_copy = 2 * model.vocab_size * h if (low == 2 and not fsdp) else 0
+    low_precision_weights = output_copy + (0 if activation_checkpointing else model.num_hidden_layers * layer_copies)
     fsdp_unsharded = 0
     if fsdp:
-        # FSDP1 keeps the root unit (embeddings, output projection) gathered from forward to backward, plus the
-        # layer being computed and the one prefetched; their gradients exist unsharded until reduce-scattered.
-        in_flight = low * (root_params + 2 * layer_params)
-        no_sync_grads = low * params if (accumulation > 1 and not fsdp_sync_each_micro_batch) else in_flight
-        fsdp_unsharded = in_flight + no_sync_grads
+        # At the backward's start FSDP1 holds the root unit (embeddings, output projection), kept gathered from
+        # forward to backward, and the last block, prefetched; under no_sync every unit's unsharded gradient
+        # (in the compute dtype) stays from the first micro-batch to the last.
+        keeps_unsharded_gradients = accumulation > 1 and not fsdp_sync_each_micro_batch
+        fsdp_unsharded = low * (root_params + layer_params) + (low * params if keeps_unsharded_gradients else 0)
 
     saved = saved_for_backward_bytes(
         model, seq_len=seq_len, micro_batch=micro_batch, mixed_precision=mixed_precision, fsdp=fsdp,
         activation_checkpointing=activation_checkpointing, flash_attention=flash_attention,
     )
-    tokens = micro_batch * seq_len
-    residual = 4 if (low == 4 or not fsdp) else 2
-    # The backward pass of one layer at a time holds its gradients' working set (about the layer's own saved
-    # bytes); with checkpointing, the recomputed layer's activations come on top.
-    working = family.layer_activation_bytes(model, seq_len, micro_batch, low, residual, flash_attention)
-    activations = saved - 4 * tokens * model.vocab_size + working * (2 if activation_checkpointing else 1)
-    # transformers' loss upcasts the logits to fp32; log_softmax keeps its fp32 output for the backward pass, which
-    # then holds the incoming gradient and log_softmax's gradient (fp32 each) at once.
+    activations = saved - 4 * tokens * model.vocab_size  # log_softmax's output is counted with the logits
+    # transformers' loss upcasts the logits to fp32; log_softmax keeps its fp32 output, and the backward pass starts
+    # with the incoming gradient and log_softmax's gradient (fp32 each) at once: 12 bytes per token and vocab entry.
     logits_and_loss = 12 * tokens * model.vocab_size
+    # By a block's backward the loss's tensors, the final norm's and output projection's inputs and the output
+    # projection's copy are gone; the block adds its working set and, checkpointed, its recomputed activations and
+    # weight copies (its input is the checkpoint already counted), under FSDP one more gathered block (prefetch).
+    head_inputs = tokens * h * (residual + low) + 16 * tokens + output_copy
+    layer_backward = family.layer_backward_bytes(model, seq_len, micro_batch, low, residual,
+                                                 flat_unit_gradient=fsdp) - head_inputs
+    if activation_checkpointing:
+        layer_backward += layer_copies + family.layer_activation_bytes(
+            model, seq_len, micro_batch, low, residual, flash_attention) - tokens * h * residual
+    if fsdp:
+        layer_backward += low * layer_params
 
     # foreach AdamW materialises sqrt(v) for a whole parameter group before the update; the fused kernel does not.
     optimizer_step_temporaries = 0 if fused_optimizer else 4 * params // shards
 
-    allocated = (
-        weights + gradients + optimizer + ddp_buckets
-        + max(low_precision_weights + fsdp_unsharded + activations + logits_and_loss, optimizer_step_temporaries)
-    )
-    overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if num_gpus > 1 else 0) + int(FRAGMENTATION * allocated)
-    return MemoryPlan(
+    plan = MemoryPlan(
         strategy="fsdp" if fsdp else "ddp",
         activation_checkpointing=activation_checkpointing,
         num_gpus=num_gpus,
@@ -235,9 +266,13 @@ def plan_memory(
         fsdp_unsharded=fsdp_unsharded,
         activations=activations,
         logits_and_loss=logits_and_loss,
+        layer_backward=layer_backward,
         optimizer_step_temporaries=optimizer_step_temporaries,
-        overhead=overhead,
+        overhead=0,
+        shards=shards,
     )
+    overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if num_gpus > 1 else 0) + int(FRAGMENTATION * plan.allocated)
+    return dataclasses.replace(plan, overhead=overhead)
 
 
 @dataclass(frozen=True)
@@ -269,6 +304,7 @@ def choose_layout(
     ddp_gradient_as_bucket_view: bool = False,
     fsdp_sync_each_micro_batch: bool = False,
     keep_micro_batch: bool = False,
+    nodes: int = 1,
 ) -> Layout:
     """The fastest layout that fits with headroom, for `--strategy auto|ddp|fsdp` and
     `--gradient-checkpointing auto|true|false`; a choice that is not "auto" is kept as given.
@@ -307,7 +343,7 @@ def choose_layout(
                     num_gpus=num_gpus, strategy=s, activation_checkpointing=ac, mixed_precision=mixed_precision,
                     gpu_memory_gib=gpu_memory_gib, fused_optimizer=fused_optimizer,
                     ddp_gradient_as_bucket_view=ddp_gradient_as_bucket_view,
-                    fsdp_sync_each_micro_batch=fsdp_sync_each_micro_batch,
+                    fsdp_sync_each_micro_batch=fsdp_sync_each_micro_batch, nodes=nodes,
                 )
                 candidates.append((cost, plan))
     candidates.sort(key=lambda c: c[0])  # stable: at equal cost, the asked micro-batch and DDP come first
@@ -355,10 +391,11 @@ def measured_gpu_memory_gib(device_index: int = 0) -> float | None:
 
 
 def plan_for_config(config, *, num_gpus: int, gpu_memory_gib: float, strategy: str = "auto",
-                    activation_checkpointing: str | bool = "auto", keep_micro_batch: bool = False,
+                    activation_checkpointing: str | bool = "auto", keep_micro_batch: bool = False, nodes: int = 1,
                     **assumptions) -> Layout:
     """choose_layout with a TrainingConfig's shape, batch and precision. With keep_micro_batch the layout keeps the
     config's micro-batch; otherwise apply the chosen one with with_layout(config, layout), or the run may not fit.
+    num_gpus counts all nodes' GPUs; `nodes` > 1 plans FSDP as HYBRID_SHARD, sharded over one node's GPUs.
     `assumptions`: fused_optimizer, ddp_gradient_as_bucket_view, fsdp_sync_each_micro_batch (see plan_memory); by
     default those of the training loop, whose DDP keeps its gradients as views of the all-reduce buckets."""
     assumptions = {"ddp_gradient_as_bucket_view": True, **assumptions}
@@ -366,7 +403,7 @@ def plan_for_config(config, *, num_gpus: int, gpu_memory_gib: float, strategy: s
         config.model, seq_len=config.seq_len, micro_batch=config.per_device_train_batch_size,
         accumulation=config.gradient_accumulation_steps, num_gpus=num_gpus, mixed_precision=config.mixed_precision,
         gpu_memory_gib=gpu_memory_gib, strategy=strategy, activation_checkpointing=activation_checkpointing,
-        keep_micro_batch=keep_micro_batch, **assumptions,
+        keep_micro_batch=keep_micro_batch, nodes=nodes, **assumptions,
     )
 
 

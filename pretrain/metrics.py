@@ -1,7 +1,7 @@
 """Where numbers go: console line, progress bar, TensorBoard, JSON lines and optional W&B; rank 0 writes.
 
 The loss is reduced across processes only on logging steps: that reduction is a host sync, paid
-once per `logging_steps`, not once per step.
+once per `logging_steps`, not once per step. Tokens/s and MFU count training time only (saves and evaluations excluded).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class Metrics:
         self._loss_count = 0
         self._window_start_time = time.perf_counter()
         self._window_start_step = start_step
+        self._window_excluded = 0.0
         self._writer = None
         self._jsonl = None
         self._progress = None
@@ -74,9 +75,15 @@ class Metrics:
             self._wandb = _start_wandb(run_dir, **wandb_settings)
 
     def start_window(self, step: int) -> None:
-        """Restarts the throughput clock (after set-up, evaluation or a checkpoint save)."""
+        """Restarts the throughput clock (after set-up, and at each logging step)."""
         self._window_start_time = time.perf_counter()
         self._window_start_step = step
+        self._window_excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time in the current window that was not training (an evaluation, a checkpoint save): tokens/s, MFU and
+        the ETA are of the training steps alone, whichever steps a save or an evaluation fell on."""
+        self._window_excluded += seconds
 
     def end_step(self, step: int, loss_sum: torch.Tensor, micro_steps: int, accelerator) -> dict[str, float] | None:
         """Records one optimizer step; on logging steps reduces across processes and publishes. Returns what was logged."""
@@ -91,7 +98,7 @@ class Metrics:
     def _publish(self, step: int, accelerator) -> dict[str, float]:
         mean_loss = accelerator.reduce(self._loss_sum / self._loss_count, reduction="mean")
         loss = mean_loss.item()  # host sync, once per logging window
-        elapsed = time.perf_counter() - self._window_start_time
+        elapsed = time.perf_counter() - self._window_start_time - self._window_excluded
         steps = max(1, step - self._window_start_step)
         tokens_per_second = steps * self.throughput.tokens_per_step / max(elapsed, 1e-9)
         self._loss_sum, self._loss_count = None, 0
@@ -105,6 +112,9 @@ class Metrics:
         if self.throughput.peak_flops_total:
             values["perf/mfu"] = tokens_per_second * self.throughput.flops_per_token / self.throughput.peak_flops_total
         values["time/eta_seconds"] = (self.max_steps - step) * elapsed / steps
+        peak = peak_memory(accelerator.device)
+        if peak is not None:
+            values[peak[0]] = peak[1]
         return values
 
     def publish(self, step: int, values: dict[str, float], console: bool = True) -> None:
@@ -147,6 +157,21 @@ class Metrics:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def peak_memory(device: torch.device) -> tuple[str, float] | None:
+    """This process's peak so far, in GiB: on a GPU the tensors allocated (torch.cuda.max_memory_allocated, what the
+    memory plan's peak is without its overhead; no host sync), on a CPU the peak resident set (VmHWM, Linux)."""
+    if device.type == "cuda":
+        return "memory/peak_allocated_gib", torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return "memory/peak_rss_gib", int(line.split()[1]) * 1024 / 2**30
+    except OSError:
+        pass
+    return None
 
 
 def _open_jsonl(path: Path):

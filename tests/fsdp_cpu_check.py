@@ -34,7 +34,7 @@ from pretrain.checkpoint.state_dicts import (
 )
 from pretrain.data.format import discover_shards, inspect_shards, split_eval_shards
 from pretrain.data.samples import TokenSamples, make_train_loader
-from pretrain.loop import make_accelerator, train_step
+from pretrain.loop import fsdp_mixed_precision, make_accelerator, train_step
 from pretrain.model.build import block_classes, build_model
 from pretrain.model.families import family_for
 from pretrain.optim import build_optimizer, lr_at
@@ -45,7 +45,7 @@ STEPS, SAVE_AT = 6, 3
 STRATEGIES = ("ddp", "fsdp1", "fsdp2")
 
 
-def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, strategy: str, mixed_precision=None) -> torch.nn.Module:
     if strategy == "ddp":
         return DistributedDataParallel(model)
     if strategy == "fsdp1":
@@ -55,7 +55,8 @@ def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
         blocks = block_classes(model, family_for(CONFIG.model))
         policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=blocks)
         return FullyShardedDataParallel(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD,
-                                        use_orig_params=True, device_id=torch.device("cpu"))
+                                        use_orig_params=True, device_id=torch.device("cpu"),
+                                        mixed_precision=mixed_precision)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -111,6 +112,31 @@ def run_distributed(accelerator, strategy: str, data: TokenSamples, rank: int, w
     }
 
 
+def run_bf16(accelerator, strategy: str, policy, data: TokenSamples, rank: int, world: int,
+             steps: int = STEPS) -> dict:
+    """bf16 as Accelerate runs it on GPUs: autocast around the forward (its weight cache off, as the loop sets it),
+    under FSDP1 also the given mixed-precision policy. Returns the losses and the rotary frequencies' dtype after
+    training (they are buffers: FSDP1 casts them to the policy's buffer_dtype)."""
+    set_seed(CONFIG.seed)
+    model = build_model(CONFIG.model)
+    optimizer = build_optimizer(model, CONFIG)
+    model = wrap(model, strategy, policy)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)(model.forward)
+    batches = iter(make_train_loader(data, 0, CONFIG.per_device_train_batch_size, rank, world, num_workers=0))
+    losses = train(accelerator, model, optimizer, batches, range(1, steps + 1), strategy)
+    frequencies = {name: str(buffer.dtype) for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+    return {"losses": losses, "rotary_dtypes": sorted(set(frequencies.values()))}
+
+
+def accelerate_default_policy():
+    """The policy Accelerate builds for mixed_precision bf16 on its own (FullyShardedDataParallelPlugin)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, sync_module_states=False, cpu_ram_efficient_loading=False)
+    plugin.set_mixed_precision("bf16")
+    return plugin.mixed_precision_policy
+
+
 def saved_and_loaded(state: dict) -> dict:
     """A copy through torch.save and the checkpoint's weights_only load: some tensors are the live ones otherwise."""
     buffer = io.BytesIO()
@@ -143,8 +169,14 @@ def main(data_dir: str, result_path: str) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     data = load_data(Path(data_dir))
     runs = {strategy: run_distributed(accelerator, strategy, data, rank, world) for strategy in STRATEGIES}
+    bf16 = {
+        "ddp": run_bf16(accelerator, "ddp", None, data, rank, world),
+        "fsdp1": run_bf16(accelerator, "fsdp1", fsdp_mixed_precision("bf16"), data, rank, world),
+        "fsdp1_accelerate_default": run_bf16(accelerator, "fsdp1", accelerate_default_policy(), data, rank, world,
+                                             steps=1),
+    }
     if rank == 0:
-        result = {"world_size": world, "distributed_type": str(accelerator.distributed_type)}
+        result = {"world_size": world, "distributed_type": str(accelerator.distributed_type), "bf16": bf16}
         for strategy, run in runs.items():
             checkpoint = run["checkpoint"]
             result[strategy] = {

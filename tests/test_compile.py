@@ -57,3 +57,22 @@ def test_a_working_backend_is_kept(config, caplog):
     assert "failed at the first step" not in caplog.text
     assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.state.step == 2
+
+
+def failing_in_evaluation(graph_module, example_inputs):
+    if not torch.is_grad_enabled():  # the evaluation's graph (no_grad) compiles apart from the training's
+        raise RuntimeError("simulated backend failure for the no_grad graph")
+    return graph_module.forward
+
+
+torch._dynamo.register_backend(compiler_fn=failing_in_evaluation, name="failing_at_evaluation_for_tests")
+
+
+def test_a_backend_that_fails_at_the_first_evaluation_falls_back_to_eager_there(config, caplog):
+    caplog.set_level(logging.WARNING)
+    trainer = run_to_the_end(with_changes(config, compile_backend="failing_at_evaluation_for_tests", eval_steps=1))
+    assert "torch.compile failed at the first evaluation (" in caplog.text and "no_grad graph" in caplog.text
+    assert caplog.text.count("failed at the first evaluation") == 1  # the second evaluation goes eager at once
+    assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)  # training stays compiled
+    evaluations = [point["eval/loss"] for point in trainer.state.history if "eval/loss" in point]
+    assert trainer.state.step == 2 and len(evaluations) == 2

@@ -61,6 +61,10 @@ from tests.launcher import (
 )
 
 LOSS_TOLERANCE = 2e-5
+# FSDP with bf16 parameters and bf16 gradient reductions against DDP under bf16 autocast: the same model in a different
+# bf16 rounding (weights rounded once per unshard, gradients reduced in bf16). Observed at most 1.7e-3 over 6 steps on
+# losses near 5-6, where one bf16 ulp is 0.031.
+BF16_LOSS_TOLERANCE = 5e-3
 # Weights: |w_2proc - w_1proc| over the size of the last 3 steps' update, both as norms over all parameters.
 # Observed 1.3e-5; a wrong gradient gives a ratio near 1.
 WEIGHT_TOLERANCE = 1e-3
@@ -323,3 +327,29 @@ def test_fsdp_on_cpu_trains_like_ddp_and_its_whole_checkpoint_resumes_on_one_pro
         if strategy != "ddp":
             assert run["local_numel"] <= 0.51 * run["total_numel"]  # each rank really holds only half
     assert ddp["losses"][-1] < ddp["losses"][0] - 0.5
+
+    # bf16: FSDP1 under the loop's policy keeps the rotary frequencies (buffers) in fp32, where Accelerate's own
+    # policy makes them bf16, and trains like DDP under autocast within bf16's precision
+    bf16 = result["bf16"]
+    assert bf16["fsdp1"]["rotary_dtypes"] == bf16["ddp"]["rotary_dtypes"] == ["torch.float32"]
+    assert bf16["fsdp1_accelerate_default"]["rotary_dtypes"] == ["torch.bfloat16"]
+    assert max_loss_difference(bf16["fsdp1"]["losses"], bf16["ddp"]["losses"]) <= BF16_LOSS_TOLERANCE
+    assert bf16["ddp"]["losses"][-1] < bf16["ddp"]["losses"][0] - 0.5
+
+
+def test_the_fsdp_policy_keeps_buffers_in_fp32_and_reaches_accelerates_plugin(monkeypatch):
+    """What make_accelerator hands Accelerate under an FSDP launch: its own plugin (read from the launch's
+    environment) with the loop's policy, bf16/fp16 compute and reductions, fp32 buffers; no policy for fp32 runs."""
+    from pretrain.loop import fsdp_mixed_precision, fsdp_plugin_from_launch
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        policy = fsdp_mixed_precision(precision)
+        assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (dtype, dtype, torch.float32)
+    assert fsdp_mixed_precision("no") is None
+    assert fsdp_plugin_from_launch("bf16") is None  # not an FSDP launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")  # on a GPU it is true; building it needs a device here
+    plugin = fsdp_plugin_from_launch("bf16")
+    assert plugin.mixed_precision_policy == fsdp_mixed_precision("bf16")
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with it: a policy already set is kept
+    assert plugin.mixed_precision_policy.buffer_dtype == torch.float32

@@ -132,8 +132,13 @@ def test_components_add_up():
         for checkpointing in (False, True):
             for fused in (False, True):
                 plan = _plan(strategy=strategy, activation_checkpointing=checkpointing, fused_optimizer=fused)
-                in_backward = plan.low_precision_weights + plan.fsdp_unsharded + plan.activations + plan.logits_and_loss
-                assert plan.total == plan.static + max(in_backward, plan.optimizer_step_temporaries) + plan.overhead
+                # FSDP's sharded gradients are made as its units finish the backward pass: not at its peak
+                gradients = 0 if strategy == "fsdp" else plan.gradients
+                in_backward = (plan.weights + plan.optimizer + plan.ddp_buckets + gradients
+                               + plan.low_precision_weights + plan.fsdp_unsharded + plan.activations
+                               + max(plan.logits_and_loss, plan.layer_backward))
+                optimizer_step = plan.static + plan.optimizer_step_temporaries
+                assert plan.total == max(in_backward, optimizer_step) + plan.overhead
                 assert plan.headroom == plan.gpu_memory_bytes - plan.total
                 assert f"{plan.total / GIB:8.2f} GiB" in "\n".join(plan.lines())
 
@@ -148,7 +153,7 @@ def test_checkpointing_and_sharding_only_ever_save_memory():
 
 
 def test_more_gpus_never_increase_sharded_bytes():
-    previous = None
+    previous = previous_total = None
     for gpus in (2, 3, 4, 8, 16, 64):
         plan = _plan(num_gpus=gpus, strategy="fsdp")
         sharded = (plan.weights, plan.gradients, plan.optimizer)
@@ -156,6 +161,24 @@ def test_more_gpus_never_increase_sharded_bytes():
             assert all(now <= before for now, before in zip(sharded, previous))
             assert plan.total <= previous_total
         previous, previous_total = sharded, plan.total
+
+
+def test_hybrid_shard_divides_the_state_by_the_gpus_of_a_node():
+    params = family_for(PRODUCTION.model).parameter_count(PRODUCTION.model)
+    all_sixteen, two_nodes = _plan(num_gpus=16, strategy="fsdp"), _plan(num_gpus=16, strategy="fsdp", nodes=2)
+    assert all_sixteen.weights == 4 * params // 16 and two_nodes.weights == 4 * params // 8
+    assert two_nodes.optimizer == _plan(num_gpus=8, strategy="fsdp").optimizer
+    assert two_nodes.total > all_sixteen.total
+    assert "FSDP on 16 GPUs (sharded over the 8 of a node)" in two_nodes.lines()[0]
+    assert _plan(num_gpus=16, nodes=2).weights == 4 * params  # DDP replicates everything anyway
+
+
+def test_fsdp_counts_its_sharded_gradients_only_after_the_backward_pass():
+    fsdp = _plan(strategy="fsdp", fused_optimizer=False)
+    base = fsdp.weights + fsdp.optimizer + fsdp.fsdp_unsharded + fsdp.activations + fsdp.backward_working
+    assert fsdp.allocated == max(base, fsdp.static + fsdp.optimizer_step_temporaries)
+    ddp = _plan(ddp_gradient_as_bucket_view=True)
+    assert ddp.allocated == (ddp.static + ddp.low_precision_weights + ddp.activations + ddp.backward_working)
 
 
 def test_activations_grow_linearly_with_the_micro_batch():
@@ -167,7 +190,7 @@ def test_activations_grow_linearly_with_the_micro_batch():
 def test_the_math_attention_kernel_adds_a_seq_squared_term():
     flash, math = _plan(), _plan(flash_attention=False)
     heads, layers = PRODUCTION.model.num_attention_heads, PRODUCTION.model.num_hidden_layers
-    assert math.activations - flash.activations == (layers + 1) * 4 * heads * 1024 * 1024 * (2 + 4)
+    assert math.activations - flash.activations == layers * 4 * heads * 1024 * 1024 * (2 + 4)
 
 
 @pytest.mark.parametrize("bad", [dict(strategy="zero3"), dict(mixed_precision="fp8"), dict(num_gpus=0)])

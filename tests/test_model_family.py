@@ -82,9 +82,12 @@ def test_the_memory_plan_and_the_flops_ask_the_family(toy, monkeypatch):
     after = plan_memory(config.model, **arguments)
     assert after.weights - before.weights == 4 * 1000 * config.model.num_hidden_layers
     layers = config.model.num_hidden_layers
-    # every layer's saved bytes, plus one layer's backward working set
-    assert after.activations - before.activations == (layers + 1) * (
+    # every layer's saved bytes
+    assert after.activations - before.activations == layers * (
         12345 - GPTNeoX.layer_activation_bytes(toy, config.model, 128, 8, 2, 4))
+    monkeypatch.setattr(ToyGPT2, "layer_backward_bytes", lambda self, *args, **kwargs: 777)
+    assert plan_memory(config.model, **arguments).layer_backward - after.layer_backward == 777 - (
+        GPTNeoX.layer_backward_bytes(toy, config.model, 128, 8, 2, 4))
 
     monkeypatch.setattr(ToyGPT2, "flops_per_token", lambda self, model, seq_len: 7.5e9)
     lines = RunPlan(config, 1, cuda=False, model_size=count_parameters(build_model(config.model, "meta"))).lines()

@@ -93,6 +93,7 @@ class Checkpointer:
         self.logs_dir: Path | None = None
         self.last_saved_step = -1
         self.last_save_time = time.monotonic()
+        self.blocked_seconds = 0.0  # how long saves held training up: not training time for tokens/s
         self.last_logs_sync = time.monotonic()
         self.upload_failures = 0
         self.host = HostCopies()
@@ -222,6 +223,8 @@ class Checkpointer:
         """Gathers the full state (a collective under FSDP) and hands a host copy to the writer; returns before disk I/O."""
         if self.last_saved_step == state.step:
             return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the step's queued work stays training time; the copy below waits for it anyway
         started = time.monotonic()
         model_state = self.accelerator.get_state_dict(model)
         optimizer_state = full_optimizer_state(model, optimizer.optimizer)
@@ -250,6 +253,7 @@ class Checkpointer:
         on_main(self.accelerator, hand_over)
         self.last_saved_step = state.step
         self.last_save_time = time.monotonic()
+        self.blocked_seconds += self.last_save_time - started
 
     def wait_written(self) -> None:
         """Until the newest checkpoint is on disk; a failed write raises on every rank."""

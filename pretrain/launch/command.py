@@ -111,7 +111,7 @@ def choose_layout_for(request: LaunchRequest, config: TrainingConfig, gpus: int)
     if not gib:
         raise ValueError("no GPU is visible to plan the memory for: pass --gpu-memory-gb N (the memory of one GPU)")
     layout = plan_for_config(config, num_gpus=gpus * request.nodes, gpu_memory_gib=gib, strategy=request.strategy,
-                             activation_checkpointing=config.gradient_checkpointing)
+                             activation_checkpointing=config.gradient_checkpointing, nodes=request.nodes)
     lines = [*layout.plan.lines(), f"layout: {layout.reason}"]
     if not layout.fits:
         lines.append(f"warning: {layout.plan.verdict} with headroom; the run may stop out of memory (see README, "

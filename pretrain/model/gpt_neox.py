@@ -83,3 +83,13 @@ class GPTNeoX(ModelFamily):
         scores = 0 if flash else micro_batch * heads * seq_len * seq_len * (compute_bytes + 4)
         return hidden + mlp + small + scores
 
+
+    def layer_backward_bytes(self, model: ModelConfig, seq_len: int, micro_batch: int, compute_bytes: int,
+                             residual_bytes: int, flat_unit_gradient: bool = False) -> int:
+        """Measured with torch's MemTracker around train_step (tests/test_memory_tracker.py): the gradient of the MLP's
+        activation, of the residual stream and of one hidden-size activation, and one weight gradient in the compute
+        dtype before it is added to the fp32 gradient (under FSDP1 the whole block's flat gradient at once)."""
+        bs = micro_batch * seq_len
+        h, f = model.hidden_size, model.intermediate_size
+        weight_gradient = compute_bytes * (self.layer_parameters(model) if flat_unit_gradient else h * f)
+        return compute_bytes * bs * f + (residual_bytes + compute_bytes) * bs * h + weight_gradient

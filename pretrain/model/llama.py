@@ -134,3 +134,13 @@ class Llama(ModelFamily):
         small = 8 * bs + 4 * bs * heads  # RMSNorm reciprocal roots, attention log-sum-exp
         scores = 0 if flash else micro_batch * heads * seq_len * seq_len * (c + 4)
         return hidden + keys_values + mlp + small + scores
+
+    def layer_backward_bytes(self, model: ModelConfig, seq_len: int, micro_batch: int, compute_bytes: int,
+                             residual_bytes: int, flat_unit_gradient: bool = False) -> int:
+        """As GPT-NeoX's (the gradients of the MLP's activations, of the residual stream and of one hidden-size
+        activation, and one weight gradient in the compute dtype), with SwiGLU's two FFN-wide gradients (gate and
+        up) where a 4x MLP has one; checked with torch's MemTracker (tests/test_memory_tracker.py)."""
+        bs = micro_batch * seq_len
+        h, f = model.hidden_size, model.intermediate_size
+        weight_gradient = compute_bytes * (self.layer_parameters(model) if flat_unit_gradient else h * f)
+        return 2 * compute_bytes * bs * f + (residual_bytes + compute_bytes) * bs * h + weight_gradient
