@@ -60,10 +60,16 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def one_process(precision: str, checkpointing: bool, resumed: bool = False, accelerator: Accelerator | None = None):
+# The Llama block at the same small shape: 4 heads sharing 2 K/V heads, SwiGLU, RMSNorm.
+LLAMA_SHAPE = dataclasses.replace(SHAPE, model_type="llama", num_key_value_heads=2)
+SHAPES = {"gpt_neox": SHAPE, "llama": LLAMA_SHAPE}
+
+
+def one_process(precision: str, checkpointing: bool, resumed: bool = False, accelerator: Accelerator | None = None,
+                shape=SHAPE):
     """The tracker around one train_step on one process (no wrapper): the second step, or the first of a new model
     after loading the first's optimizer state as Checkpointer.restore does. Returns (tracker, plan, losses)."""
-    config = dataclasses.replace(get_config("test"), model=SHAPE, seq_len=SEQ_LEN,
+    config = dataclasses.replace(get_config("test"), model=shape, seq_len=SEQ_LEN,
                                  per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=ACCUMULATION,
                                  mixed_precision="bf16", cpu_mixed_precision=precision == "bf16")
     accelerator = accelerator or make_accelerator(config)
@@ -72,13 +78,13 @@ def one_process(precision: str, checkpointing: bool, resumed: bool = False, acce
 
     def prepared():
         torch.manual_seed(0)
-        model = build_model(SHAPE)
+        model = build_model(shape)
         if checkpointing:
             enable_activation_checkpointing(model)
         return accelerator.prepare(model, build_optimizer(model, config))
 
     def step(model, optimizer):
-        batches = iter([torch.randint(0, SHAPE.vocab_size, (MICRO_BATCH, SEQ_LEN), generator=generator)
+        batches = iter([torch.randint(0, shape.vocab_size, (MICRO_BATCH, SEQ_LEN), generator=generator)
                         for _ in range(ACCUMULATION)])
         losses.append(train_step(model, optimizer, accelerator, batches, ACCUMULATION, 1.0, 1e-3).loss_sum.item())
 
@@ -89,21 +95,22 @@ def one_process(precision: str, checkpointing: bool, resumed: bool = False, acce
         accelerator.free_memory()
         model, optimizer = prepared()
         load_full_optimizer_state(model, optimizer.optimizer, state)
-    tracker = PlanTermTracker(SHAPE.vocab_size, tuple(block_classes(model, family_for(SHAPE))))
+    tracker = PlanTermTracker(shape.vocab_size, tuple(block_classes(model, family_for(shape))))
     tracker.track_external(model, optimizer)
     with tracker:
         step(model, optimizer)
-    plan = plan_memory(SHAPE, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, accumulation=ACCUMULATION, num_gpus=1,
+    plan = plan_memory(shape, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, accumulation=ACCUMULATION, num_gpus=1,
                        strategy="ddp", activation_checkpointing=checkpointing, mixed_precision=precision,
                        gpu_memory_gib=80)
     return tracker, plan, losses
 
 
+@pytest.mark.parametrize("family", sorted(SHAPES))
 @pytest.mark.parametrize("precision, checkpointing, resumed", [
     ("no", False, False), ("no", True, False), ("bf16", False, False), ("bf16", True, False), ("bf16", False, True),
 ], ids=["fp32", "fp32-checkpointing", "bf16", "bf16-checkpointing", "bf16-resumed"])
-def test_one_process_plan_matches_the_tracker(precision, checkpointing, resumed, fresh_accelerator_state):
-    tracker, plan, _ = one_process(precision, checkpointing, resumed)
+def test_one_process_plan_matches_the_tracker(precision, checkpointing, resumed, family, fresh_accelerator_state):
+    tracker, plan, _ = one_process(precision, checkpointing, resumed, shape=SHAPES[family])
     assert_within(compare(plan, tracker))
 
 
