@@ -17,6 +17,8 @@ if [ -z "${PRETRAIN_SIGINT_RESET:-}" ] && (( 0x$(awk '/^SigIgn:/ {print $2}' /pr
   exec env --default-signal=INT "$0" "$@"
 fi
 cd "$(dirname "$0")"
+# Lost-time accounting counts a restart's start-up (set-up, download, data, compile) from here.
+export PRETRAIN_LAUNCHED_UNIX=$(date +%s.%N)
 
 for arg in "$@"; do
   if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then

@@ -84,10 +84,11 @@ class MemoryPlan:
     logits_and_loss: int
     optimizer_step_temporaries: int  # foreach AdamW's intermediates; the step runs after activations are freed
     overhead: int  # CUDA context, NCCL, allocator fragmentation
+    ema: int = 0  # --ema-decay: an fp32 average of the weights beside them (sharded like them under FSDP)
 
     @property
     def static(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.ddp_buckets
+        return self.weights + self.gradients + self.optimizer + self.ddp_buckets + self.ema
 
     @property
     def total(self) -> int:
@@ -123,6 +124,7 @@ class MemoryPlan:
             ("weights", self.weights),
             ("gradients", self.gradients),
             ("optimizer state (AdamW)", self.optimizer),
+            ("EMA of the weights", self.ema),
             ("low-precision weight copies", self.low_precision_weights),
             ("DDP gradient buckets", self.ddp_buckets),
             ("FSDP unsharded params/grads", self.fsdp_unsharded),
@@ -153,6 +155,7 @@ def plan_memory(
     flash_attention: bool = True,
     ddp_gradient_as_bucket_view: bool = False,
     fsdp_sync_each_micro_batch: bool = False,
+    ema_weights: bool = False,
 ) -> MemoryPlan:
     """The memory of one GPU for a layout; see MemoryPlan. Assumptions (those of pretrain/loop.py today):
 
@@ -179,6 +182,7 @@ def plan_memory(
     weights = 4 * params // shards
     gradients = 4 * params // shards
     optimizer = 8 * params // shards
+    ema = 4 * params // shards if ema_weights else 0
     ddp_buckets = 4 * params if (not fsdp and num_gpus > 1 and not ddp_gradient_as_bucket_view) else 0
     # Autocast casts each fp32 matrix once per forward and the matmul keeps the copy for its backward pass; with
     # checkpointing a layer's copies are made again in its recompute, so only one layer's exist at a time.
@@ -214,7 +218,7 @@ def plan_memory(
     optimizer_step_temporaries = 0 if fused_optimizer else 4 * params // shards
 
     allocated = (
-        weights + gradients + optimizer + ddp_buckets
+        weights + gradients + optimizer + ddp_buckets + ema
         + max(low_precision_weights + fsdp_unsharded + activations + logits_and_loss, optimizer_step_temporaries)
     )
     overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if num_gpus > 1 else 0) + int(FRAGMENTATION * allocated)
@@ -237,6 +241,7 @@ def plan_memory(
         logits_and_loss=logits_and_loss,
         optimizer_step_temporaries=optimizer_step_temporaries,
         overhead=overhead,
+        ema=ema,
     )
 
 
@@ -269,6 +274,7 @@ def choose_layout(
     ddp_gradient_as_bucket_view: bool = False,
     fsdp_sync_each_micro_batch: bool = False,
     keep_micro_batch: bool = False,
+    ema_weights: bool = False,
 ) -> Layout:
     """The fastest layout that fits with headroom, for `--strategy auto|ddp|fsdp` and
     `--gradient-checkpointing auto|true|false`; a choice that is not "auto" is kept as given.
@@ -307,7 +313,7 @@ def choose_layout(
                     num_gpus=num_gpus, strategy=s, activation_checkpointing=ac, mixed_precision=mixed_precision,
                     gpu_memory_gib=gpu_memory_gib, fused_optimizer=fused_optimizer,
                     ddp_gradient_as_bucket_view=ddp_gradient_as_bucket_view,
-                    fsdp_sync_each_micro_batch=fsdp_sync_each_micro_batch,
+                    fsdp_sync_each_micro_batch=fsdp_sync_each_micro_batch, ema_weights=ema_weights,
                 )
                 candidates.append((cost, plan))
     candidates.sort(key=lambda c: c[0])  # stable: at equal cost, the asked micro-batch and DDP come first
@@ -360,8 +366,9 @@ def plan_for_config(config, *, num_gpus: int, gpu_memory_gib: float, strategy: s
     """choose_layout with a TrainingConfig's shape, batch and precision. With keep_micro_batch the layout keeps the
     config's micro-batch; otherwise apply the chosen one with with_layout(config, layout), or the run may not fit.
     `assumptions`: fused_optimizer, ddp_gradient_as_bucket_view, fsdp_sync_each_micro_batch (see plan_memory); by
-    default those of the training loop, whose DDP keeps its gradients as views of the all-reduce buckets."""
-    assumptions = {"ddp_gradient_as_bucket_view": True, **assumptions}
+    default those of the training loop, whose DDP keeps its gradients as views of the all-reduce buckets, with an EMA
+    of the weights when the config keeps one."""
+    assumptions = {"ddp_gradient_as_bucket_view": True, "ema_weights": config.ema_decay > 0, **assumptions}
     return choose_layout(
         config.model, seq_len=config.seq_len, micro_batch=config.per_device_train_batch_size,
         accumulation=config.gradient_accumulation_steps, num_gpus=num_gpus, mixed_precision=config.mixed_precision,
