@@ -117,9 +117,9 @@ class SpikeGuard:
                              before_step)
 
     def device_limits(self, state: TrainState, step: int) -> Limits | None:
-        """--on-loss-spike skip: the limits optimizer step `step` is checked against on the device before its update.
-        They come from the steps before step - 1, as known on the host when the step starts, and the host's verdict
-        for a step uses the same steps, so the two agree whatever the save schedule."""
+        """--on-loss-spike skip: the limits optimizer step `step` is checked against on the device before its update:
+        from the kept steps before step - 1, the window the host always has when the step starts (so the verdict does
+        not depend on the save schedule). The host then takes the device's verdict (Signals.spike_skipped)."""
         return self.limits(state, step - 1) if self.policy == "skip" else None
 
     def note_step_start(self, step: int, first_sample: int) -> None:

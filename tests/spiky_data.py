@@ -3,7 +3,7 @@ are random tokens. The order is a pure function of the shard list, so which samp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,9 +22,9 @@ TOKENS_PER_SHARD = 32768
 VOCAB = 512
 
 
-def write_corpus(data_dir: Path, config: TrainingConfig, spike_step: int | None = None) -> list[int]:
-    """Shards of a Markov chain's text (about 0.4 nats/token to learn); with spike_step, every sample that optimizer
-    step reads holds uniformly random tokens instead. Returns those samples' global indices."""
+def write_corpus(data_dir: Path, config: TrainingConfig, spike_step: int | Sequence[int] | None = None) -> list[int]:
+    """Shards of a Markov chain's text (about 0.4 nats/token to learn); with spike_step (one or several), every sample
+    that optimizer step reads holds uniformly random tokens instead. Returns those samples' global indices."""
     language = MarkovLanguage.random(VOCAB, seed=0)
     for index in range(SHARDS):
         tokens = language.sample_tokens(TOKENS_PER_SHARD, seed_words=[0, 1, index]).astype(np.uint16)
@@ -35,7 +35,8 @@ def write_corpus(data_dir: Path, config: TrainingConfig, spike_step: int | None 
     order = SampleOrder(list(frozen.train), config.seq_len, config.seed, frozen.order.mix_shards,
                         frozen.order.shard_chunks)
     step_samples = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    indices = list(range((spike_step - 1) * step_samples, spike_step * step_samples))
+    steps = [spike_step] if isinstance(spike_step, int) else list(spike_step)
+    indices = [i for step in steps for i in range((step - 1) * step_samples, step * step_samples)]
     noise = np.random.default_rng(7)
     arrays: dict[str, np.ndarray] = {}
     for index in indices:

@@ -23,7 +23,7 @@ from pretrain.checkpoint.store import CheckpointStore
 from pretrain.checkpoint.train_state import TrainState
 from pretrain.loop import Trainer
 from pretrain.preemption import Preempted, PreemptionFlag
-from pretrain.protocol import EXIT_PREEMPTED
+from pretrain.protocol import EXIT_NONFINITE, EXIT_PREEMPTED
 from pretrain.spikes import (
     SpikeGuard,
     TooManySpikes,
@@ -244,6 +244,32 @@ def test_skip_leaves_the_weights_as_they_were_before_the_spike(tmp_path, spiky):
     run_in_process(before)
     a, b = final_checkpoint_weights(skipping), final_checkpoint_weights(before)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lowered_rate_after_a_rollback_and_the_budget_that_stops_the_run(tmp_path):
+    # Two spikes two steps apart: the first is rolled back; the second, read one step earlier now, exceeds the budget.
+    (tmp_path / "data").mkdir()
+    write_corpus(tmp_path / "data", spike_config(tmp_path), spike_step=[SPIKE_STEP, SPIKE_STEP + 2])
+    config = spike_config(tmp_path, max_rollbacks=1, loss_spike_lr_factor=0.5, loss_spike_lr_steps=5)
+    with pytest.raises(TooManySpikes, match=f"loss spike at step {SPIKE_STEP + 1}: .* after 1 rollbacks within"):
+        run_in_process(config)
+    metrics = Path(config.logging_dir) / "run" / "metrics.jsonl"
+    lrs = [(r["step"], r["train/lr"]) for r in map(json.loads, metrics.read_text().splitlines()) if "train/lr" in r]
+    cut = next(i for i in range(1, len(lrs)) if lrs[i][0] <= lrs[i - 1][0])
+    first, replay = dict(lrs[:cut]), dict(lrs[cut:])
+    assert [replay[s] / first[s] for s in range(14, 20)] == [0.5] * 5 + [1.0]  # 5 steps after the checkpoint at 13
+
+
+def test_too_many_spikes_exit_with_the_nonfinite_code(monkeypatch, tmp_path):
+    import train
+
+    monkeypatch.setattr(Trainer, "run", lambda self: (_ for _ in ()).throw(TooManySpikes("after 3 rollbacks")))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert train.main(["--config", "test", "--output-dir", str(tmp_path)]) == EXIT_NONFINITE
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 LAUNCH_SPIKE = 24  # save every 12: rolled back to 12, with 11 steps of replay to preempt in

@@ -1,5 +1,6 @@
-"""The whole life of a checkpoint behind a few calls: resolve `--resume` and load, decide when to save, write and
-upload in the background, keep the newest few locally and in the bucket, and turn every failure into one line.
+"""The whole life of a checkpoint behind a few calls: resolve `--resume` and load, decide when to save (steps, minutes
+or Young-Daly), write and upload in the background, keep the newest few (and the best, and milestones) locally and in
+the bucket, roll back to one in-process, count what restarts lose, and turn every failure into one line.
 
 Stages and owners: save (this module: when, and the host snapshot) -> write (worker thread, `format.write_checkpoint`)
 -> upload (second worker, `store.upload_checkpoint`) -> list/prune (`store.CheckpointStore` with `retention`, the same

@@ -38,9 +38,12 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP); tensors as they are."""
+    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP, and the wrapper names FSDP1
+    and checkpoint_wrapper put into named_parameters()); tensors as they are."""
     cleaned = {}
     for key, tensor in state.items():
+        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+            key = key.replace(wrapper, "")
         for prefix in ("_orig_mod.", "module."):
             while key.startswith(prefix):
                 key = key[len(prefix):]
