@@ -10,6 +10,8 @@
 # 3 non-finite losses, 4 newest checkpoint only on local disk, 75 preempted, 130 second Ctrl-C).
 set -uo pipefail
 cd "$(dirname "$0")"
+# Lost-time accounting counts a restart's start-up (set-up, download, data, compile) from here.
+export PRETRAIN_LAUNCHED_UNIX=$(date +%s.%N)
 
 for arg in "$@"; do
   if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then

@@ -2,8 +2,9 @@
 
 Run through `./start_training.sh` (which calls `accelerate launch train.py ...`) or directly.
 Exit codes: 0 done, 1 anything unexpected, 2 bad input (config, data, checkpoint, bucket, a checkpoint that could not
-be written), 3 too many non-finite steps, 4 the newest checkpoint is only on local disk (its upload failed),
-75 stopped by a signal (after an emergency checkpoint once training started; rerun with --resume auto).
+be written), 3 too many non-finite steps or loss-spike rollbacks, 4 the newest checkpoint is only on local disk
+(its upload failed), 75 stopped by a signal (after an emergency checkpoint once training started; rerun with
+--resume auto).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.checkpoint.format import CheckpointError
     from pretrain.loop import NonFiniteLoss, Trainer
     from pretrain.preemption import Preempted, PreemptionFlag
+    from pretrain.spikes import TooManySpikes
     from pretrain.storage.base import StorageError
     from pretrain.storage.redaction import redact
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointNotUploaded as error:
         log.error("error: %s", redact(one_line(error)))
         code = EXIT_NOT_UPLOADED
-    except NonFiniteLoss as error:
+    except (NonFiniteLoss, TooManySpikes) as error:
         log.error("%s", error)
         code = EXIT_NONFINITE
     except (ValueError, FileNotFoundError, CheckpointError, StorageError, PermissionError, OSError) as error:

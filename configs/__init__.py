@@ -91,6 +91,21 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     z_loss_coefficient: float = 0.0  # adds this * mean(logsumexp(logits)^2) to the training loss (PaLM); 0: off
     max_consecutive_nonfinite: int = 5  # stop after this many skipped steps in a row
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off
+
+    # Loss spikes (pretrain/spikes.py): a step whose loss (or gradient norm) is far above the running window of the
+    # steps before it. What happens then: warn (log and count it), skip (its update is not applied), rollback (the
+    # last checkpoint from before it is restored in this process and the samples that led to it are skipped).
+    on_loss_spike: str = "warn"  # warn | skip | rollback
+    loss_spike_window: int = 50  # steps in the running window; detection starts once it is full
+    loss_spike_sigmas: float = 6.0  # a loss this many standard deviations above the window mean is a spike; 0: off
+    grad_spike_sigmas: float = 0.0  # the same for the gradient norm; 0: off
+    loss_spike_skip_steps: int = 1  # rollback: the samples of this many steps, ending with the spike's, are skipped
+    loss_spike_lr_factor: float = 1.0  # rollback: the learning rate is multiplied by this for a while after it
+    loss_spike_lr_steps: int = 0  # rollback: that while, in steps after the restored checkpoint; 0: off
+    max_rollbacks: int = 3  # rollback: after this many within rollback_window_steps, a spike stops the run (exit 3)
+    rollback_window_steps: int = 1000  # rollback: the window, in steps, that max_rollbacks counts in
+    early_stop_patience: int = 0  # stop (exit 0) after this many evaluations without a better eval loss; 0: off
 
     # Performance
     mixed_precision: str = "bf16"  # bf16 | fp16 | no; on CPU only when cpu_mixed_precision is set
@@ -105,13 +120,16 @@ class TrainingConfig:
     # Checkpoints
     output_dir: str = "checkpoints"
     save_steps: int = 1250
-    save_every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off
+    save_every_minutes: str = "0"  # also save this many minutes after the last save; auto: Young-Daly; 0: off
     save_total_limit: int = 3  # local checkpoints kept
     checkpoint_bucket: str = ""  # URL to upload checkpoints to (gs://, s3://, az://, file://)
     remote_save_total_limit: int = 5  # remote checkpoints kept
+    keep_best: bool = False  # retention also keeps the checkpoint with the best eval loss (local and bucket)
+    keep_every_steps: int = 0  # retention also keeps every checkpoint whose step is a multiple of this; 0: off
     upload_timeout_seconds: float = 1800.0  # how long the end of training waits for pending uploads
     preemption_grace_seconds: float = 25.0  # budget for the emergency checkpoint and its upload on SIGTERM
     export_final_model: bool = True
+    export_weights: str = "live"  # live | ema: the weights the final export writes (ema needs --ema-decay)
     final_samples: int = 3  # lines the exported model generates at the end (when the data has a tokenizer); 0: off
 
     # Storage
@@ -141,6 +159,11 @@ class TrainingConfig:
             decay_steps = self.effective_lr_decay_steps()
             return decay_steps - round(self.wsd_decay_fraction * decay_steps)
         return self.warmup_steps
+
+    def save_interval_minutes(self) -> float | None:
+        """--save-every-minutes as a number (0: off), or None for auto."""
+        text = str(self.save_every_minutes).strip().lower()
+        return None if text == "auto" else float(text)
 
 
 TEST_MODEL = ModelConfig(

@@ -24,6 +24,7 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 MIXED_PRECISION_CHOICES = ("bf16", "fp16", "no")
 LR_SCHEDULES = ("cosine", "wsd", "linear")
 DECAY_SHAPES = ("1-sqrt", "linear", "cosine")
+SPIKE_POLICIES = ("warn", "skip", "rollback")
 
 
 def parse_bool(text: str) -> bool:
@@ -115,16 +116,18 @@ def validate(config: TrainingConfig) -> TrainingConfig:
     positive = [
         "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "save_steps",
         "logging_steps", "save_total_limit", "remote_save_total_limit", "max_consecutive_nonfinite",
-        "block_chunks", "shard_chunks",
+        "block_chunks", "shard_chunks", "loss_spike_window", "loss_spike_skip_steps", "max_rollbacks",
+        "rollback_window_steps",
     ]
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"{_flag(name)} must be a positive integer, got {getattr(config, name)}")
     non_negative = [
         "max_files", "eval_steps", "eval_batches", "eval_shards", "warmup_steps", "lr_decay_steps",
-        "dataloader_num_workers", "save_every_minutes", "sync_logs_every_minutes", "storage_max_retries",
+        "dataloader_num_workers", "sync_logs_every_minutes", "storage_max_retries",
         "weight_decay", "max_grad_norm", "upload_timeout_seconds", "preemption_grace_seconds", "final_samples",
         "z_loss_coefficient", "cooldown_steps",
+        "loss_spike_sigmas", "grad_spike_sigmas", "loss_spike_lr_steps", "early_stop_patience", "keep_every_steps",
     ]
     for name in non_negative:
         if getattr(config, name) < 0:
@@ -156,6 +159,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         raise ValueError(f"--sample-corpus must be text or synthetic, got {config.sample_corpus!r}")
     if config.wandb_mode not in ("online", "offline"):
         raise ValueError(f"--wandb-mode must be online or offline, got {config.wandb_mode!r}")
+    _validate_unattended(config)
     return config
 
 
@@ -196,6 +200,28 @@ def _with_cooldown(config: TrainingConfig) -> TrainingConfig:
         raise ValueError(f"--cooldown-from needs --cooldown-steps N (a positive number of steps), got "
                          f"{config.cooldown_steps}")
     return with_changes(config, max_steps=branch_step + config.cooldown_steps, lr_decay_steps=0)
+def _validate_unattended(config: TrainingConfig) -> None:
+    """Loss spikes, EMA, early stopping, retention and the save interval."""
+    try:
+        minutes = config.save_interval_minutes()
+    except ValueError:
+        minutes = -1.0
+    if minutes is not None and not minutes >= 0:
+        raise ValueError(f"--save-every-minutes must be auto or a number of minutes >= 0 (0: off), "
+                         f"got {config.save_every_minutes!r}")
+    if config.on_loss_spike not in SPIKE_POLICIES:
+        raise ValueError(f"--on-loss-spike must be one of {', '.join(SPIKE_POLICIES)}, got {config.on_loss_spike!r}")
+    if not 0 < config.loss_spike_lr_factor <= 1:
+        raise ValueError(f"--loss-spike-lr-factor must be in (0, 1] (1: the rate is not lowered), "
+                         f"got {config.loss_spike_lr_factor}")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1) (0: off; e.g. 0.999), got {config.ema_decay}")
+    if config.export_weights not in ("live", "ema"):
+        raise ValueError(f"--export-weights must be live or ema, got {config.export_weights!r}")
+    if config.export_weights == "ema" and not config.ema_decay:
+        raise ValueError("--export-weights ema needs an EMA: pass --ema-decay (e.g. 0.999)")
+    if config.early_stop_patience and not config.eval_steps:
+        raise ValueError("--early-stop-patience needs evaluations during training: pass --eval-steps N")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainingConfig:

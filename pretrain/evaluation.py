@@ -1,4 +1,5 @@
-"""Held-out loss: the same batches at every evaluation, every `eval_steps` steps and after the last one."""
+"""Held-out loss: the same batches at every evaluation, every `eval_steps` steps and after the last one; what the run
+remembers of it (best, latest, evaluations without improvement) and early stopping on it."""
 
 from __future__ import annotations
 
@@ -62,6 +63,22 @@ class Evaluator:
         finally:
             model.train()
         return accelerator.reduce(total / count, reduction="mean").item()
+
+    @staticmethod
+    def record(state, loss: float) -> None:
+        """Into the TrainState: the same on every rank, since the loss is reduced across processes."""
+        improved = loss < state.best_eval_loss
+        state.best_eval_loss = min(state.best_eval_loss, loss)
+        state.last_eval_step, state.last_eval_loss = state.step, loss
+        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+
+    def stop_reason(self, state) -> str | None:
+        """--early-stop-patience: why the run stops now, or None."""
+        patience = self.config.early_stop_patience
+        if not patience or state.evals_without_improvement < patience:
+            return None
+        return (f"early stop at step {state.step}: the eval loss has not improved for {patience} evaluations "
+                f"(--early-stop-patience {patience}; best {state.best_eval_loss:.4f})")
 
 
 def eval_values(loss: float) -> dict[str, float]:

@@ -11,7 +11,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,11 +35,14 @@ from torch.nn.parallel import DistributedDataParallel
 from configs import TrainingConfig, as_dict, from_dict
 from pretrain.agreement import Agreement
 from pretrain.checkpoint.checkpointer import Checkpointer, Resumed
+from pretrain.checkpoint.format import load_weights as checkpoint_weights
+from pretrain.checkpoint.format import step_of
 from pretrain.checkpoint.state_dicts import load_model_state
 from pretrain.checkpoint.train_state import TrainState
 from pretrain.data.samples import make_train_loader
 from pretrain.data.training_data import FrozenShards, prepare_training_data
 from pretrain.distributed import on_main
+from pretrain.ema import EMA
 from pretrain.errors import cause_line
 from pretrain.evaluation import Evaluator, eval_values
 from pretrain.memory import measured_gpu_memory_gib, plan_for_config
@@ -50,19 +53,25 @@ from pretrain.model.build import (
     count_parameters,
     enable_activation_checkpointing,
 )
-from pretrain.model.export import export_model, sample_lines
+from pretrain.model.export import (
+    EXPORT_DIR_NAME,
+    export_model,
+    export_state,
+    sample_lines,
+)
 from pretrain.model.families import family_for
 from pretrain.model.peaks import peak_flops_per_device
 from pretrain.model.pretrained import (
     PretrainedFolder,
     check_folder,
     check_tokenizer,
-    load_weights,
 )
+from pretrain.model.pretrained import load_weights as load_pretrained_weights
 from pretrain.optim import build_optimizer, lr_at, set_lr, stable_steps
 from pretrain.plan import RunPlan, effective_mixed_precision
 from pretrain.preemption import Preempted, PreemptionFlag
 from pretrain.prepare.demo_corpus import ensure_demo_corpus
+from pretrain.spikes import Limits, Spike, SpikeGuard, unskipped
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,31 @@ class StepResult:
     loss_sum: torch.Tensor  # summed over micro-batches, on the device: read only when logged
     grad_norm: torch.Tensor
     skipped: torch.Tensor  # bool on the device: the update was not applied (non-finite gradient)
+    spike_skipped: torch.Tensor  # bool on the device: not applied because the step was a loss spike (skip policy)
+
+
+class StepBatches:
+    """Each step's micro-batches. A step that starts where the previous one ended reads on from the same reader; one
+    that does not (a skipped window, a rollback) opens a reader at its first sample, and DataLoader workers start
+    again there: a rare cost."""
+
+    def __init__(self, open_at: Callable[[int], Iterator[torch.Tensor]], step_samples: int) -> None:
+        self.open_at = open_at
+        self.step_samples = step_samples
+        self._iterator: Iterator[torch.Tensor] | None = None
+        self._next_sample = -1
+
+    def open(self, first_sample: int) -> None:
+        """The reader for a step starting at first_sample, opened now (before the clock starts)."""
+        if first_sample != self._next_sample or self._iterator is None:
+            self._iterator = self.open_at(first_sample)
+            self._next_sample = first_sample
+
+    def at(self, first_sample: int) -> Iterator[torch.Tensor]:
+        """The micro-batches of the step starting at first_sample."""
+        self.open(first_sample)
+        self._next_sample = first_sample + self.step_samples
+        return self._iterator
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -167,8 +201,9 @@ def place_gradients_in_buckets(model: torch.nn.Module, accelerator: Accelerator)
 
 
 def train_step(model: torch.nn.Module, optimizer, accelerator: Accelerator, batches: Iterator[torch.Tensor],
-               accumulation: int, max_grad_norm: float, lr: float) -> StepResult:
-    """One optimizer step: forward/backward over `accumulation` micro-batches, clip, update unless non-finite.
+               accumulation: int, max_grad_norm: float, lr: float, spike_limits: Limits | None = None) -> StepResult:
+    """One optimizer step: forward/backward over `accumulation` micro-batches, clip, update unless non-finite (or,
+    given spike_limits, a loss spike).
 
     Under DDP the gradient all-reduce happens once, in the last micro-batch's backward (accumulate() syncs then).
     """
@@ -182,18 +217,35 @@ def train_step(model: torch.nn.Module, optimizer, accelerator: Accelerator, batc
     grad_norm = clip_gradients(model, accelerator, max_grad_norm or math.inf)
     # The norm is of the all-reduced gradients, so every rank reaches the same verdict.
     nonfinite = ~torch.isfinite(grad_norm)
+    spike = _spike_on_device(accelerator, loss_sum / accumulation, grad_norm, spike_limits)
+    hold = nonfinite if spike is None else nonfinite | spike
     set_lr(optimizer, lr)
     if _skips_on_device(optimizer, accelerator):
-        getattr(optimizer, "optimizer", optimizer).found_inf = nonfinite.float()  # the fused kernel skips the update: no host sync
+        # The fused kernel skips the update on the device: no host sync.
+        getattr(optimizer, "optimizer", optimizer).found_inf = hold.float()
         optimizer.step()
         skipped = nonfinite
-    elif bool(nonfinite.item()):  # CPU (no sync cost) or the unfused path
+    elif bool(hold.item()):  # CPU (no sync cost) or the unfused path
         skipped = nonfinite
     else:
         optimizer.step()
         skipped = torch.tensor(accelerator.optimizer_step_was_skipped, device=accelerator.device)  # fp16 overflow
     zero_gradients(model, optimizer)
-    return StepResult(loss_sum, grad_norm, skipped)
+    no_spike = torch.zeros((), dtype=torch.bool, device=grad_norm.device)
+    spike_skipped = spike & ~nonfinite if spike is not None else no_spike
+    return StepResult(loss_sum, grad_norm, skipped, spike_skipped)
+
+
+def _spike_on_device(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor,
+                     limits: Limits | None) -> torch.Tensor | None:
+    """--on-loss-spike skip: whether this step is a spike, decided on the device before its update. Every rank must
+    reach the same verdict, so the loss is averaged over the processes first: the one extra collective per step that
+    this policy costs (asynchronous on GPUs; no host sync)."""
+    if limits is None or not limits.active:
+        return None
+    if accelerator.num_processes > 1:
+        loss = accelerator.reduce(loss, reduction="mean")
+    return (loss > limits.loss) | (grad_norm > limits.grad_norm)
 
 
 def clip_gradients(model: torch.nn.Module, accelerator: Accelerator, max_norm: float) -> torch.Tensor:
@@ -204,11 +256,12 @@ def clip_gradients(model: torch.nn.Module, accelerator: Accelerator, max_norm: f
     return accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
-def count_skipped(consecutive: torch.Tensor, total: torch.Tensor,
-                  skipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The non-finite steps in a row and in all, on the device: no host sync for counts read only when logged or
-    agreed on."""
-    return torch.where(skipped, consecutive + 1, 0), total + skipped.to(torch.int64)
+def count_skipped(consecutive: torch.Tensor, total: torch.Tensor, skipped: torch.Tensor,
+                  held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steps in a row whose update was held back (non-finite, or a spike skipped: `held`, default `skipped`) and
+    the non-finite steps in all, on the device: no host sync for counts read only when logged or agreed on."""
+    held = skipped if held is None else held
+    return torch.where(held, consecutive + 1, 0), total + skipped.to(torch.int64)
 
 
 def compiled_with_fallback(model: torch.nn.Module, optimizer, accelerator: Accelerator, batch: torch.Tensor,
@@ -297,7 +350,7 @@ class Trainer:
             load_model_state(model, resumed.model_state)
         elif pretrained is not None:
             self._log(on_main(accelerator, lambda: check_tokenizer(pretrained, self.data.tokenizer_dir)))
-            load_weights(model, pretrained)
+            load_pretrained_weights(model, pretrained)
             self._log(f"initialised from {pretrained.path} ({', '.join(p.name for p in pretrained.weight_files)}); "
                       "a new run: step 0, a fresh optimizer")
         if config.z_loss_coefficient:
@@ -314,70 +367,171 @@ class Trainer:
         # (then fails) when gradients already exist.
         place_gradients_in_buckets(self.model, accelerator)
         self.state = self._train_state(resumed, pretrained)
+        self.ema = self._make_ema(resumed)
         if config.compile_model:
             self.model = self._compiled(self.model)
         self.evaluator = Evaluator(config, accelerator, self.data.eval)
         self.metrics = self.cleanup.enter_context(self._make_metrics())
         self.checkpointer.sync_logs_from(self.metrics.run_dir)
         self.agreement = Agreement(accelerator.device, accelerator.num_processes)
-        self.consecutive_nonfinite = torch.zeros((), dtype=torch.int64, device=accelerator.device)
-        self.skipped_total = torch.zeros((), dtype=torch.int64, device=accelerator.device)
-        self.nonfinite_before = self.state.nonfinite_steps
+        self.spikes = SpikeGuard(config, self.state, self._log)
+        self.checkpointer.before_save = self._settle
+        self.checkpointer.ema = self.ema
+        self.batches = StepBatches(self._reader_at, self.plan.global_batch_samples)
+        self._reset_counters()
         self._stop_if_preempted()
 
     def train(self) -> None:
         config, state, model = self.config, self.state, self.model
-        batches = iter(make_train_loader(
-            self.data.train, state.samples_consumed, config.per_device_train_batch_size,
-            self.accelerator.process_index, self.accelerator.num_processes, config.dataloader_num_workers,
-            pin_memory=self.accelerator.device.type == "cuda",
-        ))
+        self.batches.open(unskipped(state.samples_consumed, state.skipped_samples))
         model.train()
         if self.branch_start:
             # The branch's own first checkpoint, so it resumes without the main run's (which that run may prune).
             self.checkpointer.save(state, model, self.optimizer, "the cooldown branch's start")
         self.metrics.start_window(state.step)
         clock = time.monotonic()
-        while state.step < config.max_steps:
-            result = train_step(model, self.optimizer, self.accelerator, batches, config.gradient_accumulation_steps,
-                                config.max_grad_norm, lr_at(state.step + 1, config))
+        stop = None
+        while state.step < config.max_steps and stop is None:
+            state.samples_consumed = unskipped(state.samples_consumed, state.skipped_samples)
+            self.spikes.note_step_start(state.step + 1, state.samples_consumed)
+            result = train_step(model, self.optimizer, self.accelerator, self.batches.at(state.samples_consumed),
+                                config.gradient_accumulation_steps, config.max_grad_norm, self._lr(state.step + 1),
+                                self.spikes.device_limits(state, state.step + 1))
             state.step += 1
             state.samples_consumed += self.plan.global_batch_samples
             state.epoch = state.samples_consumed // self.data.samples_per_epoch
             state.elapsed_seconds += time.monotonic() - clock
             clock = time.monotonic()
+            if self.ema is not None:
+                self.ema.update()
             self._count_skipped(result)
             self._log_step(result)
             self._maybe_evaluate()
             signals = self._agree(result)
+            spike = self.spikes.take_rollback()
+            if spike is not None:
+                self._roll_back(spike)
+                continue
             blocked = self.checkpointer.blocked_seconds
             self.checkpointer.step_done(state, model, self.optimizer, signals)
             self.metrics.exclude(self.checkpointer.blocked_seconds - blocked)
-        self.checkpointer.save(state, model, self.optimizer, "final")
+            stop = self.evaluator.stop_reason(state)
+        self._finish(stop)
+
+    def _finish(self, stop: str | None) -> None:
+        """The last checkpoint, the export (of the best checkpoint when stopping early), the wait for the uploads."""
+        config, state = self.config, self.state
+        self.checkpointer.save_final(state, self.model, self.optimizer, "early stop" if stop else "final")
         self.checkpointer.wait_written()  # a failed final write ends the run here, before the export writes anything
         if config.export_final_model:
-            final = export_model(self.accelerator, model, Path(config.output_dir), self.data.tokenizer_dir)
+            final = self._export(best=stop is not None)
             self.metrics.console(f"exported the final model to {final}")
             if self.is_main and self.data.tokenizer_dir is not None and config.final_samples:
                 for line in sample_lines(final, config.final_samples):
                     self.metrics.console(f"sample: {line}")
         self.checkpointer.finish(state)
+        if stop:
+            self.metrics.console(stop)
+
+    def _export(self, best: bool) -> Path:
+        """The trained model (its live weights or their EMA, --export-weights), or the best checkpoint's."""
+        config, accelerator = self.config, self.accelerator
+        output_dir = Path(config.output_dir)
+        name = on_main(accelerator, self.checkpointer.best_checkpoint) if best else None
+        if name is not None and step_of(name) != self.state.step:
+            def write_best() -> None:
+                weights = checkpoint_weights(output_dir / name, config.export_weights)
+                export_state(config.model, weights, output_dir / EXPORT_DIR_NAME, self.data.tokenizer_dir)
+                log.info("exported %s, the checkpoint with the best eval loss (%s weights)", name,
+                         config.export_weights)
+
+            on_main(accelerator, write_best)
+            return output_dir / EXPORT_DIR_NAME
+        replace = self.ema.full_state() if config.export_weights == "ema" else None
+        return export_model(accelerator, self.model, output_dir, self.data.tokenizer_dir, replace)
 
     def _agree(self, result: StepResult):
         """One small collective per step; what it returns was posted a step ago, so reading it never stalls."""
-        signals = self.agreement.exchange(self.preemption.requested, self.checkpointer.save_due_by_time(),
-                                          self.checkpointer.write_failed(), self.consecutive_nonfinite)
+        state = self.state
+        signals = self.agreement.exchange(
+            state.step, self.preemption.requested, self.checkpointer.save_due_by_time(),
+            self.checkpointer.write_failed(), self.consecutive_nonfinite,
+            result.loss_sum / self.config.gradient_accumulation_steps, result.grad_norm, result.spike_skipped)
+        self.spikes.observe(signals, state)
         if signals.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
+            spikes = " or were skipped as loss spikes" if self.config.on_loss_spike == "skip" else ""
             raise NonFiniteLoss(
-                f"{signals.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+                f"{signals.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient{spikes} "
                 f"(--max-consecutive-nonfinite {self.config.max_consecutive_nonfinite}); stopping. The last good "
                 "checkpoint is kept: lower --learning-rate or check the data, then --resume auto"
             )
         return signals
 
+    def _settle(self, state: TrainState) -> None:
+        """Before a save: the last step's agreed values into the state now (a wait for the device, which the save's
+        own copy of the weights waits for anyway), so a resumed run's spike window is the uninterrupted run's."""
+        self.spikes.observe(self.agreement.settle(), state)
+
+    def _roll_back(self, spike: Spike) -> None:
+        """--on-loss-spike rollback: the last checkpoint from before the spike, restored in this process; the samples
+        that led to it are skipped from now on (recorded in the state, so a resumed run skips them too)."""
+        state, config = self.state, self.config
+        self.spikes.check_budget(spike, state)
+        restored = self.checkpointer.roll_back(spike.step, self.model, self.optimizer)
+        if restored is None:
+            self._log(f"{spike.describe()}; no checkpoint from before it to roll back to: training on")
+            return
+        window = self.spikes.record_rollback(spike, state, restored.state.step, restored.name,
+                                             self.plan.global_batch_samples)
+        state.lost_time.rollback_seconds += max(0.0, state.elapsed_seconds - restored.state.elapsed_seconds)
+        state.rewind_to(restored.state)
+        if self.ema is not None:
+            self.ema.load(restored.ema_state) if restored.ema_state is not None else self.ema.reset_to_weights()
+        self._reset_counters()
+        self.agreement.forget()
+        self.metrics.restart_at(state.step)
+        skipped = f"samples [{window[0]}, {window[1]}) are skipped from now on" if window else "no samples skipped"
+        lowered = (f"; the learning rate x {config.loss_spike_lr_factor:g} for {config.loss_spike_lr_steps} steps"
+                   if self.spikes.lr_scale(state, state.step + 1) != 1.0 else "")
+        self._log(f"{spike.describe()}: rolled back to {restored.name} (step {restored.state.step}); {skipped}"
+                  f"{lowered}; rollback {len(state.rollbacks)} of this run (at most {config.max_rollbacks} within "
+                  f"{config.rollback_window_steps} steps)")
+
+    def _lr(self, step: int) -> float:
+        """The scheduled rate, lowered for a while after a rollback when --loss-spike-lr-factor says so."""
+        scale = self.spikes.lr_scale(self.state, step)
+        return lr_at(step, self.config) * scale if scale != 1.0 else lr_at(step, self.config)
+
+    def _reader_at(self, first_sample: int) -> Iterator[torch.Tensor]:
+        config = self.config
+        return iter(make_train_loader(
+            self.data.train, first_sample, config.per_device_train_batch_size, self.accelerator.process_index,
+            self.accelerator.num_processes, config.dataloader_num_workers,
+            pin_memory=self.accelerator.device.type == "cuda",
+        ))
+
+    def _reset_counters(self) -> None:
+        device = self.accelerator.device
+        self.consecutive_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite_before = self.state.nonfinite_steps
+
+    def _make_ema(self, resumed: Resumed | None) -> EMA | None:
+        """--ema-decay: the average lives beside the weights (prepared, not yet compiled: the same tensors)."""
+        if not self.config.ema_decay:
+            if resumed is not None and resumed.ema_state is not None:
+                self._log("the checkpoint holds an EMA of the weights, but --ema-decay is 0: it is not kept")
+            return None
+        ema = EMA(self.accelerator, self.model, self.config.ema_decay)
+        if resumed is not None and resumed.ema_state is not None:
+            ema.load(resumed.ema_state)
+        elif resumed is not None:
+            self._log("--ema-decay: the checkpoint holds no EMA of the weights; one starts from them now")
+        return ema
+
     def _count_skipped(self, result: StepResult) -> None:
-        self.consecutive_nonfinite, self.skipped_total = count_skipped(self.consecutive_nonfinite, self.skipped_total,
-                                                                       result.skipped)
+        self.consecutive_nonfinite, self.skipped_total = count_skipped(
+            self.consecutive_nonfinite, self.skipped_total, result.skipped, held=result.skipped | result.spike_skipped)
 
     def _log_step(self, result: StepResult) -> None:
         state = self.state
@@ -387,9 +541,12 @@ class Trainer:
             return
         # Read on logging steps only: this host read waits for the step to finish, which the log line needs anyway.
         state.nonfinite_steps = self.nonfinite_before + int(self.skipped_total.item())
-        values["train/lr"] = lr_at(state.step, self.config)
+        values["train/lr"] = self._lr(state.step)
         values["train/grad_norm"] = float(result.grad_norm)
         values["train/nonfinite_steps"] = float(state.nonfinite_steps)
+        values["train/loss_spikes"] = float(state.loss_spikes)
+        values["train/rollbacks"] = float(len(state.rollbacks))
+        values.update(state.lost_time.scalars())
         values["train/epoch"] = state.samples_consumed / self.data.samples_per_epoch
         values["time/elapsed_seconds"] = state.elapsed_seconds
         if self.checkpointer.remote is not None:
@@ -403,7 +560,7 @@ class Trainer:
             torch.cuda.synchronize()  # the step's queued work stays training time; the evaluation waits for it anyway
         started = time.perf_counter()
         loss = self.evaluator.evaluate(self.model)
-        self.state.best_eval_loss = min(self.state.best_eval_loss, loss)
+        self.evaluator.record(self.state, loss)
         self.metrics.publish(self.state.step, eval_values(loss))
         self.metrics.exclude(time.perf_counter() - started)
 

@@ -92,10 +92,11 @@ class MemoryPlan:
     optimizer_step_temporaries: int  # foreach AdamW's intermediates; the step runs after activations are freed
     overhead: int  # CUDA context, NCCL, allocator fragmentation
     shards: int = 1  # the GPUs the FSDP state is divided over (those of one node under HYBRID_SHARD)
+    ema: int = 0  # --ema-decay: an fp32 average of the weights beside them (sharded like them under FSDP)
 
     @property
     def static(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.ddp_buckets
+        return self.weights + self.gradients + self.optimizer + self.ddp_buckets + self.ema
 
     @property
     def backward_working(self) -> int:
@@ -107,7 +108,7 @@ class MemoryPlan:
         """Allocated at the backward pass's peak. FSDP's sharded gradients appear only as its units finish (they are
         dropped at every step), so under FSDP they are not there; DDP's buckets and a lone GPU's gradients are."""
         gradients = 0 if self.strategy == "fsdp" else self.gradients
-        return (self.weights + self.optimizer + self.ddp_buckets + gradients + self.low_precision_weights
+        return (self.weights + self.optimizer + self.ema + self.ddp_buckets + gradients + self.low_precision_weights
                 + self.fsdp_unsharded + self.activations + self.backward_working)
 
     @property
@@ -151,6 +152,7 @@ class MemoryPlan:
             ("weights", self.weights),
             (gradients, self.gradients),
             ("optimizer state (AdamW)", self.optimizer),
+            ("EMA of the weights", self.ema),
             ("low-precision weight copies", self.low_precision_weights),
             ("DDP gradient buckets", self.ddp_buckets),
             ("FSDP unsharded params/grads", self.fsdp_unsharded),
@@ -182,6 +184,7 @@ def plan_memory(
     ddp_gradient_as_bucket_view: bool = False,
     fsdp_sync_each_micro_batch: bool = False,
     nodes: int = 1,
+    ema_weights: bool = False,
 ) -> MemoryPlan:
     """The memory of one GPU for a layout; see MemoryPlan. Assumptions (those of pretrain/loop.py today):
 
@@ -210,6 +213,7 @@ def plan_memory(
     weights = 4 * params // shards
     gradients = 4 * params // shards
     optimizer = 8 * params // shards
+    ema = 4 * params // shards if ema_weights else 0
     ddp_buckets = 4 * params if (not fsdp and num_gpus > 1 and not ddp_gradient_as_bucket_view) else 0
     h, tokens = model.hidden_size, micro_batch * seq_len
     residual = 4 if (low == 4 or not fsdp) else 2
@@ -270,6 +274,7 @@ def plan_memory(
         optimizer_step_temporaries=optimizer_step_temporaries,
         overhead=0,
         shards=shards,
+        ema=ema,
     )
     overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if num_gpus > 1 else 0) + int(FRAGMENTATION * plan.allocated)
     return dataclasses.replace(plan, overhead=overhead)
@@ -305,6 +310,7 @@ def choose_layout(
     fsdp_sync_each_micro_batch: bool = False,
     keep_micro_batch: bool = False,
     nodes: int = 1,
+    ema_weights: bool = False,
 ) -> Layout:
     """The fastest layout that fits with headroom, for `--strategy auto|ddp|fsdp` and
     `--gradient-checkpointing auto|true|false`; a choice that is not "auto" is kept as given.
@@ -344,6 +350,7 @@ def choose_layout(
                     gpu_memory_gib=gpu_memory_gib, fused_optimizer=fused_optimizer,
                     ddp_gradient_as_bucket_view=ddp_gradient_as_bucket_view,
                     fsdp_sync_each_micro_batch=fsdp_sync_each_micro_batch, nodes=nodes,
+                    ema_weights=ema_weights,
                 )
                 candidates.append((cost, plan))
     candidates.sort(key=lambda c: c[0])  # stable: at equal cost, the asked micro-batch and DDP come first
@@ -397,8 +404,9 @@ def plan_for_config(config, *, num_gpus: int, gpu_memory_gib: float, strategy: s
     config's micro-batch; otherwise apply the chosen one with with_layout(config, layout), or the run may not fit.
     num_gpus counts all nodes' GPUs; `nodes` > 1 plans FSDP as HYBRID_SHARD, sharded over one node's GPUs.
     `assumptions`: fused_optimizer, ddp_gradient_as_bucket_view, fsdp_sync_each_micro_batch (see plan_memory); by
-    default those of the training loop, whose DDP keeps its gradients as views of the all-reduce buckets."""
-    assumptions = {"ddp_gradient_as_bucket_view": True, **assumptions}
+    default those of the training loop, whose DDP keeps its gradients as views of the all-reduce buckets, with an EMA
+    of the weights when the config keeps one."""
+    assumptions = {"ddp_gradient_as_bucket_view": True, "ema_weights": config.ema_decay > 0, **assumptions}
     return choose_layout(
         config.model, seq_len=config.seq_len, micro_batch=config.per_device_train_batch_size,
         accumulation=config.gradient_accumulation_steps, num_gpus=num_gpus, mixed_precision=config.mixed_precision,

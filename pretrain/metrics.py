@@ -85,6 +85,11 @@ class Metrics:
         the ETA are of the training steps alone, whichever steps a save or an evaluation fell on."""
         self._window_excluded += seconds
 
+    def restart_at(self, step: int) -> None:
+        """After a rollback: the losses summed since the last log line belong to abandoned steps."""
+        self._loss_sum, self._loss_count = None, 0
+        self.start_window(step)
+
     def end_step(self, step: int, loss_sum: torch.Tensor, micro_steps: int, accelerator) -> dict[str, float] | None:
         """Records one optimizer step; on logging steps reduces across processes and publishes. Returns what was logged."""
         self._loss_sum = loss_sum if self._loss_sum is None else self._loss_sum + loss_sum

@@ -7,6 +7,7 @@ it imports only pretrain.files, so each side can use it without pulling in the o
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from pretrain.files import write_atomically
@@ -14,7 +15,7 @@ from pretrain.files import write_atomically
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1  # a bug, or a process killed by the system
 EXIT_BAD_INPUT = 2  # config, flag, data, checkpoint, bucket, disk: the last line names it
-EXIT_NONFINITE = 3  # too many non-finite steps in a row
+EXIT_NONFINITE = 3  # too many non-finite steps in a row, or loss spikes that rollbacks did not cure
 EXIT_NOT_UPLOADED = 4  # the newest checkpoint is only on this machine's disk
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal; run the same command with --resume auto
 EXIT_RESTART = 76  # the run ended itself: a process stalled or a machine vanished; run the same command again
@@ -22,6 +23,9 @@ EXIT_INTERRUPTED = 130  # a second Ctrl-C: the shell's convention for death by S
 
 # The launch folder: the launcher creates it and names it in this variable; the training processes write into it.
 LAUNCH_DIR_ENV = "PRETRAIN_LAUNCH_DIR"
+# When start_training.sh started (unix seconds): a restart's start-up time counts from there.
+LAUNCHED_ENV = "PRETRAIN_LAUNCHED_UNIX"
+_PROCESS_STARTED_UNIX = time.time()  # for a train.py started without the launcher: about when this process started
 EXIT_CODE_FILE = "exit_code"  # rank 0's exit code (accelerate launch masks it), one number and a newline
 LOCAL_RANKS_FILE = "local_ranks"  # how many training processes this machine starts
 
@@ -65,3 +69,11 @@ def recorded_pids(folder: Path) -> list[int]:
     """The pids the ranks recorded so far, in the order of their pid files."""
     pids = (recorded_int(path.name, folder) for path in sorted(folder.glob(pid_file("*"))))
     return [pid for pid in pids if pid is not None]
+
+
+def launched_unix() -> float:
+    """When this run was launched: the launcher's start, else this process's."""
+    try:
+        return float(os.environ[LAUNCHED_ENV])
+    except (KeyError, ValueError):
+        return _PROCESS_STARTED_UNIX

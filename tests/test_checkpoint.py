@@ -20,7 +20,7 @@ from pretrain.checkpoint.format import (
     verify_checkpoint,
     write_checkpoint,
 )
-from pretrain.checkpoint.retention import prune
+from pretrain.checkpoint.retention import RetentionPolicy, prune
 from pretrain.checkpoint.store import CheckpointStore
 from pretrain.checkpoint.train_state import STATE_FORMAT_VERSION
 from tests.checkpointer_harness import harness, state_at
@@ -118,7 +118,7 @@ def test_prune_keeps_newest_and_protected_and_ignores_incomplete(tmp_path):
     incomplete = save(tmp_path, 50)
     (incomplete / MODEL_FILE).write_bytes(b"short")  # a size that does not match its manifest
     store = CheckpointStore.local(tmp_path)
-    deleted = prune(store, keep=2, protected={checkpoint_name(0, 10, 3)})
+    deleted = prune(store, RetentionPolicy(keep=2), protected={checkpoint_name(0, 10, 3)})
     assert deleted == [checkpoint_name(0, 20, 3)]
     assert set(store.names()) == {checkpoint_name(0, s, 3) for s in (10, 30, 40, 50)}
     assert store.complete() == [checkpoint_name(0, s, 3) for s in (40, 30, 10)]

@@ -17,7 +17,7 @@ from pretrain.checkpoint.format import (
     verify_checkpoint,
     write_checkpoint,
 )
-from pretrain.checkpoint.retention import prune
+from pretrain.checkpoint.retention import RetentionPolicy, prune
 from pretrain.checkpoint.store import (
     CheckpointStore,
     download_checkpoint,
@@ -58,7 +58,7 @@ def test_uploads_land_intact_through_503s_and_resets(cloud, tmp_path, new_bucket
     for step in (10, 20, 30):
         folder = write_checkpoint(local, checkpoint_name(0, step, 1), big_payload(step))
         upload_checkpoint(folder, remote, backoff_seconds=0.05)
-        prune(remote, keep=2)
+        prune(remote, RetentionPolicy(keep=2))
         names.append(folder.name)
     assert proxy.count(faulted=True) >= 3  # the faults really happened
     assert remote.complete() == [names[2], names[1]]  # retention kept the newest two

@@ -42,6 +42,7 @@ from pretrain.checkpoint.format import (
     load_checkpoint,
     verify_checkpoint,
 )
+from pretrain.checkpoint.lost_time import PROGRESS_FILE
 from pretrain.checkpoint.store import CheckpointStore
 from pretrain.launch.command import (
     ACCELERATE_CONFIG_DIR,
@@ -261,7 +262,8 @@ def test_two_processes_log_the_losses_of_one_process_with_twice_the_batch(one_pr
 @pytest.mark.slow
 def test_only_the_main_process_writes_checkpoints_logs_exports_and_uploads(one_process_run, two_process_run):
     output = two_process_run / "checkpoints"
-    assert sorted(p.name for p in output.iterdir()) == [STEP3, STEP6, "final-model"]  # no second writer's temp folders
+    # No second writer's temp folders; beside the checkpoints only the export and the run's progress record.
+    assert sorted(p.name for p in output.iterdir()) == [STEP3, STEP6, "final-model", PROGRESS_FILE]
     for name in (STEP3, STEP6):
         folder = output / name
         assert {p.name for p in folder.iterdir()} == CHECKPOINT_FILES

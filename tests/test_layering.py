@@ -34,6 +34,9 @@ ALLOWED = {
     "pretrain.optim": set(),
     "pretrain.metrics": set(),
     "pretrain.evaluation": {"pretrain.data"},
+    # the spike policy reads the agreed values into the run's state; the EMA saves through the state-dict helpers
+    "pretrain.spikes": {"pretrain.agreement", "pretrain.checkpoint.train_state"},
+    "pretrain.ema": {"pretrain.checkpoint.state_dicts"},
     "pretrain.launch": {"pretrain.cli", "pretrain.memory", "pretrain.plan", "pretrain.model"},
 }
 NOBODY_IMPORTS = ("train", "pretrain.launch")  # the entry points

@@ -1,5 +1,6 @@
-"""The whole life of a checkpoint behind a few calls: resolve `--resume` and load, decide when to save, write and
-upload in the background, keep the newest few locally and in the bucket, and turn every failure into one line.
+"""The whole life of a checkpoint behind a few calls: resolve `--resume` and load, decide when to save (steps, minutes
+or Young-Daly), write and upload in the background, keep the newest few (and the best, and milestones) locally and in
+the bucket, roll back to one in-process, count what restarts lose, and turn every failure into one line.
 
 Stages and owners: save (this module: when, and the host snapshot) -> write (worker thread, `format.write_checkpoint`)
 -> upload (second worker, `store.upload_checkpoint`) -> list/prune (`store.CheckpointStore` with `retention`, the same
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -37,12 +40,22 @@ from pretrain.checkpoint.format import (
     verify_checkpoint,
     write_checkpoint,
 )
-from pretrain.checkpoint.retention import prune
+from pretrain.checkpoint.lost_time import (
+    FIRST_AUTO_INTERVAL_SECONDS,
+    PROGRESS_FILE,
+    LostTime,
+    Progress,
+    auto_save_interval,
+    restart_cost,
+    smoothed,
+)
+from pretrain.checkpoint.retention import RetentionPolicy, best_record, prune
 from pretrain.checkpoint.state_dicts import (
     HostCopies,
     clean_state_dict,
     full_optimizer_state,
     load_full_optimizer_state,
+    load_live_model_state,
 )
 from pretrain.checkpoint.store import (
     CheckpointStore,
@@ -53,12 +66,15 @@ from pretrain.checkpoint.train_state import TrainState
 from pretrain.checkpoint.worker import Job, Worker
 from pretrain.distributed import on_local_main, on_main
 from pretrain.errors import os_reason
+from pretrain.files import write_atomically
 from pretrain.preemption import Preempted, PreemptionFlag
+from pretrain.protocol import launched_unix
 from pretrain.storage import StorageError, open_storage, storage_options
 
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("latest", "auto")
+PROGRESS_EVERY_SECONDS = 5.0  # how often the local progress record is rewritten (a 200-byte atomic write)
 
 
 class CheckpointWriteError(CheckpointError):
@@ -75,6 +91,22 @@ class Resumed:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
     rng_state: dict[str, Any]  # this rank's
+    ema_state: dict[str, torch.Tensor] | None = None
+    name: str = ""
+
+
+class WeightAverage(Protocol):
+    """What a save takes besides the model (pretrain.ema.EMA): every rank calls full_state."""
+
+    def full_state(self) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class _Restart:
+    resumed_step: int
+    resumed_elapsed: float
+    previous: Progress | None
+    name: str
 
 
 class Checkpointer:
@@ -97,6 +129,18 @@ class Checkpointer:
         self.last_logs_sync = time.monotonic()
         self.upload_failures = 0
         self.host = HostCopies()
+        self.ema_host = HostCopies()  # its own buffers: keyed by path, the EMA would land in the weights' ones
+        self.ema: WeightAverage | None = None  # set by the loop when the run keeps an EMA of the weights
+        # Runs on every rank before a save is taken: the loop folds the last step's agreed values into the state.
+        self.before_save: Callable[[TrainState], None] | None = None
+        # Lost time: this process's launch, the run's wall clock before it, and a restart still to be counted.
+        self.launched_unix = launched_unix()
+        self._wall_base = 0.0
+        self._restart: _Restart | None = None
+        self._ended_unix: float | None = None
+        self._last_progress = 0.0
+        self._uploads_measured: list[float] = []  # upload durations, appended by the uploader thread
+        self._auto_interval: float | None = None
         if config.checkpoint_bucket:
             storage = open_storage(config.checkpoint_bucket, storage_options(config))
             # A tiny write now, so bad credentials fail in the first seconds, not at the first save hours later.
@@ -108,6 +152,7 @@ class Checkpointer:
                 self.uploader = Worker("checkpoint-uploader")
             where = f"{self.output_dir}" + (f" and {self.remote.url}" if self.remote else "")
             log.info("checkpoints go to %s", where)
+            self._update_auto_interval(LostTime())  # a fresh run's; a resumed run's follows from its checkpoint
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -129,6 +174,25 @@ class Checkpointer:
             if self.is_main:
                 log.info("--resume auto: no checkpoint in %s yet; starting a new run", self._where())
             return None
+        resumed, fetched = self._load(name)
+        if self.is_main:
+            log.info("resuming from %s at step %d (checkpoint fetched in %.1f s, loaded in %.1f s)",
+                     self.output_dir / name, resumed.state.step, fetched - started, time.monotonic() - fetched)
+        previous = on_main(self.accelerator, self._read_progress)
+        self._restart = _Restart(resumed.state.step, resumed.state.elapsed_seconds, previous, name)
+        self._wall_base = resumed.state.lost_time.wall_seconds
+        if previous is not None and previous.run_name == resumed.state.run_name:
+            # The previous run's latest measurements: its last save and upload came after its last checkpoint.
+            totals = resumed.state.lost_time
+            self._wall_base = max(self._wall_base, previous.wall_seconds)
+            totals.save_seconds = previous.save_seconds or totals.save_seconds
+            totals.upload_seconds = previous.upload_seconds or totals.upload_seconds
+        if self.is_main:
+            self._update_auto_interval(resumed.state.lost_time)
+        return resumed
+
+    def _load(self, name: str) -> tuple[Resumed, float]:
+        """Checkpoint `name` (already local on this node's main process) loaded on every rank; and when it was local."""
         folder = self.output_dir / name
         if self.accelerator.is_local_main_process and not self.is_main and not folder.exists():
             self._fetch(name)  # another node without a shared disk fetches its own copy
@@ -138,11 +202,22 @@ class Checkpointer:
         self._check_compatible(payload.state)
         self.last_saved_step = payload.state.step
         rank = f"rank{self.accelerator.process_index}"
-        if self.is_main:
-            log.info("resuming from %s at step %d (checkpoint fetched in %.1f s, loaded in %.1f s)",
-                     folder, payload.state.step, fetched - started, time.monotonic() - fetched)
         return Resumed(payload.state, payload.model_state, payload.optimizer_state,
-                       payload.rng_states.get(rank, payload.rng_states["rank0"]))
+                       payload.rng_states.get(rank, payload.rng_states["rank0"]), payload.ema_state, name), fetched
+
+    def roll_back(self, before_step: int, model: torch.nn.Module, optimizer) -> Resumed | None:
+        """The newest complete checkpoint from before `before_step` (local, else from the bucket), loaded into the live
+        model and optimizer and this rank's RNG, in this process; None when there is none. The checkpoints after it
+        belong to abandoned steps: they are deleted, here and in the bucket, so that no resume picks one."""
+        on_main(self.accelerator, self._wait_for_workers)
+        name = on_main(self.accelerator, lambda: self._newest_before(before_step))
+        if name is None:
+            return None
+        on_main(self.accelerator, lambda: self._abandon_after(step_of(name)))
+        resumed, _ = self._load(name)
+        load_live_model_state(model, resumed.model_state)
+        self.restore(resumed, model, optimizer)
+        return resumed
 
     def branch_point(self, location: str) -> Resumed:
         """A cooldown branch's start: another run's checkpoint (a local folder, or a URL of one in a bucket), loaded
@@ -200,24 +275,45 @@ class Checkpointer:
         self.logs_dir = logs_dir
 
     def save_due_by_time(self) -> bool:
-        every = self.config.save_every_minutes
-        return every > 0 and time.monotonic() - self.last_save_time >= 60 * every
+        """--save-every-minutes; with auto, rank 0's measurements decide (the agreement tells the other ranks)."""
+        minutes = self.config.save_interval_minutes()
+        if minutes is None:
+            if not self.is_main:
+                return False
+            seconds = self._auto_interval or FIRST_AUTO_INTERVAL_SECONDS
+        else:
+            seconds = 60 * minutes
+        return seconds > 0 and time.monotonic() - self.last_save_time >= seconds
 
     def write_failed(self) -> bool:
         return self.writer is not None and self.writer.has_failed()
 
     def step_done(self, state: TrainState, model: torch.nn.Module, optimizer, signals: Signals) -> None:
         """The save policy, after every optimizer step, on agreed signals so every rank takes the same branch."""
+        if self._restart is not None:
+            self._count_restart(state)
         if signals.write_failed:
             on_main(self.accelerator, self._raise_write_failure)
         if signals.preempted:
+            self._ended_unix = time.time()
             self.save(state, model, optimizer, "emergency")
-            self.finish(state)
+            self.finish(state, ended="preempted")
             raise Preempted(self.preemption.signal_name or "preemption")
         if state.step % self.config.save_steps == 0:
             self.save(state, model, optimizer, "scheduled")
         elif signals.save_due:
-            self.save(state, model, optimizer, f"{self.config.save_every_minutes:g} minutes since the last save")
+            self.save(state, model, optimizer, f"{self._interval_words()} since the last save")
+        elif self._new_best_worth_saving(state):
+            self.save(state, model, optimizer, f"new best eval loss {state.last_eval_loss:.4f}")
+        # Only once a checkpoint exists: a restart's losses are counted from the checkpoint it resumes.
+        due = time.monotonic() - self._last_progress >= PROGRESS_EVERY_SECONDS
+        if self.is_main and due and self.last_saved_step >= 0:
+            self._write_progress(state)
+
+    def save_final(self, state: TrainState, model: torch.nn.Module, optimizer, reason: str = "final") -> None:
+        """The last save of a run that ends here: from now on the machine only waits (for the write, the upload)."""
+        self._ended_unix = time.time()
+        self.save(state, model, optimizer, reason)
 
     def save(self, state: TrainState, model: torch.nn.Module, optimizer, reason: str) -> None:
         """Gathers the full state (a collective under FSDP) and hands a host copy to the writer; returns before disk I/O."""
@@ -226,8 +322,12 @@ class Checkpointer:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the step's queued work stays training time; the copy below waits for it anyway
         started = time.monotonic()
+        if self.before_save is not None:
+            self.before_save(state)
+        self._note_measurements(state)
         model_state = self.accelerator.get_state_dict(model)
         optimizer_state = full_optimizer_state(model, optimizer.optimizer)
+        ema_state = self.ema.full_state() if self.ema is not None else None
         rng_states = gather_object([rng.capture()])
         scaler = self.accelerator.scaler
         state.scaler = scaler.state_dict() if scaler is not None else None
@@ -238,15 +338,20 @@ class Checkpointer:
             self._wait_for_writer()
             # The only copy the training thread waits for; FSDP states arrive gathered into fresh host memory.
             fresh = self.accelerator.distributed_type == DistributedType.FSDP
-            payload = CheckpointPayload(
-                model_state=self.host.copy(clean_state_dict(model_state), fresh),
-                optimizer_state=self.host.copy(optimizer_state, fresh),
-                rng_states={f"rank{i}": value for i, value in enumerate(rng_states)},
-                state=copy.deepcopy(state),
-            )
+            model_copy = self.host.copy(clean_state_dict(model_state), fresh)
+            optimizer_copy = self.host.copy(optimizer_state, fresh)
+            ema_copy = self.ema_host.copy(ema_state, fresh) if ema_state is not None else None
+            # The cost of a save as training sees it (what --save-every-minutes auto weighs against preemptions),
+            # measured before the state is copied, so that this checkpoint carries it.
+            state.lost_time.save_seconds = smoothed(state.lost_time.save_seconds, time.monotonic() - started)
+            payload = CheckpointPayload(model_copy, optimizer_copy,
+                                        {f"rank{i}": value for i, value in enumerate(rng_states)},
+                                        copy.deepcopy(state), ema_copy)
             queued = time.monotonic()
             self.writer.submit(Job(name, lambda: self._write(name, payload, reason, queued)))
             log.info("checkpoint %s handed to the writer (%s, %.2f s)", name, reason, queued - started)
+            self._update_auto_interval(state.lost_time)
+            self._write_progress(state)
             self._maybe_sync_logs()
 
         # On rank 0 only, but a failure there (a stuck or failed earlier write) must stop every rank, not just rank 0.
@@ -259,10 +364,19 @@ class Checkpointer:
         """Until the newest checkpoint is on disk; a failed write raises on every rank."""
         on_main(self.accelerator, self._wait_for_writer)
 
-    def finish(self, state: TrainState) -> None:
-        """Waits for the newest checkpoint on disk and in the bucket; a failure of either ends the run on every rank."""
+    def finish(self, state: TrainState, ended: str = "finished") -> None:
+        """Waits for the newest checkpoint on disk and in the bucket; a failure of either ends the run on every rank.
+        Then the run's last word (progress.json, here and in the bucket): how far it got and how long the wait took."""
         on_main(self.accelerator, self._wait_for_writer)
-        on_main(self.accelerator, self._check_uploaded)
+        try:
+            on_main(self.accelerator, self._check_uploaded)
+        finally:
+            if self.is_main and self.last_saved_step >= 0:
+                lag = time.time() - self._ended_unix if self._ended_unix is not None else 0.0
+                self._write_progress(state, ended=ended, upload_lag_seconds=lag)
+                self._upload_progress()
+                log.info("time lost to restarts and rollbacks so far: %s%s", state.lost_time.describe(),
+                         f"; and {lag:.1f} s waiting for the last upload now" if self.remote is not None else "")
 
     def close(self) -> None:
         """Always, also after an error: a snapshot already handed over is a good checkpoint, so it is finished."""
@@ -364,7 +478,7 @@ class Checkpointer:
                 log.warning("upload of %s still running; %s goes up after it and %s will not be uploaded",
                             self.uploader.busy_with()[0], name, dropped.name)
         protected = {name, *(self.uploader.busy_with() if self.uploader else [])}
-        prune(self.local, self.config.save_total_limit, protected)
+        prune(self.local, RetentionPolicy.of(self.config), protected)
         log.info("saved %s (%s, written in %.1f s in the background)", folder, reason, time.monotonic() - queued)
 
     def _upload(self, folder: Path) -> None:
@@ -375,8 +489,11 @@ class Checkpointer:
         except Exception as error:
             log.error("UPLOAD FAILED for %s to %s: %s", folder.name, self.remote.url, error)
             raise
-        deleted = prune(self.remote, self.config.remote_save_total_limit)
-        log.info("uploaded %s to %s in %.1f s%s", folder.name, self.remote.url, time.monotonic() - started,
+        seconds = time.monotonic() - started
+        self._uploads_measured.append(seconds)
+        deleted = prune(self.remote, RetentionPolicy.of(self.config, remote=True))
+        self._upload_progress()
+        log.info("uploaded %s to %s in %.1f s%s", folder.name, self.remote.url, seconds,
                  f"; removed old remote {', '.join(deleted)}" if deleted else "")
 
     def _raise_write_failure(self) -> None:
@@ -451,3 +568,113 @@ class Checkpointer:
                 self.remote.storage.upload(path, key)
         except Exception as error:  # noqa: BLE001 - logs are best effort; checkpoints are what must land
             log.warning("log sync to %s failed: %s", self.remote.url, error)
+        self._upload_progress()
+
+    def _wait_for_workers(self) -> None:
+        """Until the writer and the uploader are idle (bounded): before a rollback deletes what they worked on."""
+        self._wait_for_writer()
+        if self.uploader is not None and not self.uploader.wait_idle(self.config.upload_timeout_seconds):
+            log.error("checkpoint upload still running after %.0f s", self.config.upload_timeout_seconds)
+        self._report_uploads()
+
+    def _newest_before(self, step: int) -> str | None:
+        candidates = set(self.local.names())
+        if self.remote is not None:
+            candidates.update(self.remote.names())
+        for candidate in sorted((c for c in candidates if step_of(c) < step), key=step_of, reverse=True):
+            try:
+                return self._fetch(candidate).name
+            except (CheckpointError, FileNotFoundError, StorageError) as error:
+                log.warning("skipping %s: %s", candidate, error)
+        return None
+
+    def _abandon_after(self, step: int) -> None:
+        for store in (self.local, self.remote):
+            abandoned = [name for name in store.names() if step_of(name) > step] if store is not None else []
+            for name in abandoned:
+                store.delete(name)
+            if abandoned:
+                log.info("removed %s from %s: saved after the restored checkpoint, on steps now abandoned",
+                         ", ".join(abandoned), store.url)
+
+    def _new_best_worth_saving(self, state: TrainState) -> bool:
+        """With --keep-best or --early-stop-patience, an evaluation that beats every earlier one is saved, so the best
+        weights exist as a checkpoint to keep and to export."""
+        wanted = self.config.keep_best or self.config.early_stop_patience > 0
+        loss = state.eval_loss_here
+        return wanted and loss is not None and math.isfinite(loss) and state.evals_without_improvement == 0
+
+    def best_checkpoint(self) -> str | None:
+        """The local complete checkpoint with the lowest eval loss measured at its step (main process)."""
+        best = best_record([stored.record for stored in self.local.describe_all() if stored.complete])
+        return best.name if best is not None else None
+
+    def _count_restart(self, state: TrainState) -> None:
+        """After this process's first step: what the restart lost, into the run's totals and the log."""
+        restart, self._restart = self._restart, None
+        cost = restart_cost(restart.resumed_step, restart.resumed_elapsed, state.run_name, restart.previous,
+                            self.launched_unix, time.time())
+        cost.add_to(state.lost_time)
+        if self.is_main:
+            log.info("%s", cost.describe(restart.name))
+
+    def _note_measurements(self, state: TrainState) -> None:
+        state.saved_unix = time.time()
+        state.lost_time.wall_seconds = self._wall_base + (time.time() - self.launched_unix)
+        self._fold_uploads(state)
+
+    def _fold_uploads(self, state: TrainState) -> None:
+        while self._uploads_measured:
+            state.lost_time.upload_seconds = smoothed(state.lost_time.upload_seconds, self._uploads_measured.pop(0))
+
+    def _update_auto_interval(self, lost_time: LostTime) -> None:
+        if self.config.save_interval_minutes() is not None:
+            return
+        seconds, why = auto_save_interval(lost_time)
+        if self._auto_interval is None or abs(seconds - self._auto_interval) > 0.1 * self._auto_interval:
+            log.info("--save-every-minutes auto: every %.1f min (%s)", seconds / 60, why)
+        self._auto_interval = seconds
+
+    def _interval_words(self) -> str:
+        minutes = self.config.save_interval_minutes()
+        if minutes is None:
+            return f"{(self._auto_interval or 0) / 60:.1f} minutes (auto)"
+        return f"{minutes:g} minutes"
+
+    def _write_progress(self, state: TrainState, ended: str = "", upload_lag_seconds: float = 0.0) -> None:
+        """The run's progress record on local disk (main process): a run killed without a word leaves the latest."""
+        self._last_progress = time.monotonic()
+        self._fold_uploads(state)
+        progress = Progress(state.run_name, state.step, state.elapsed_seconds,
+                            self._wall_base + (time.time() - self.launched_unix), time.time(), ended,
+                            upload_lag_seconds, state.lost_time.save_seconds, state.lost_time.upload_seconds)
+        try:
+            write_atomically(self.output_dir / PROGRESS_FILE, progress.to_bytes())
+        except OSError as error:
+            log.warning("could not write %s: %s", self.output_dir / PROGRESS_FILE, error)
+
+    def _upload_progress(self) -> None:
+        """The local progress record to the bucket: after each upload, each log sync and at the end (best effort)."""
+        path = self.output_dir / PROGRESS_FILE
+        if self.remote is None or not path.is_file():
+            return
+        try:
+            self.remote.storage.upload(path, PROGRESS_FILE)
+        except Exception as error:  # noqa: BLE001 - an estimate of lost time must never fail a run
+            log.warning("could not upload %s to %s: %s", PROGRESS_FILE, self.remote.url, error)
+
+    def _read_progress(self) -> Progress | None:
+        """The previous run's last progress record: the local one (same machine), else the bucket's."""
+        path = self.output_dir / PROGRESS_FILE
+        if path.is_file():
+            return Progress.from_bytes(path.read_bytes())
+        if self.remote is None:
+            return None
+        try:
+            if not self.remote.storage.exists(PROGRESS_FILE):
+                return None
+            self.remote.storage.download(PROGRESS_FILE, path)
+            return Progress.from_bytes(path.read_bytes())
+        except (StorageError, OSError) as error:
+            log.warning("could not read %s from %s: %s", PROGRESS_FILE, self.remote.url, error)
+            return None

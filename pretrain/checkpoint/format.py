@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # only when the run keeps an EMA of the weights (--ema-decay)
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_states.pt"
 STATE_FILE = "trainer_state.json"
@@ -59,13 +60,23 @@ class CheckpointPayload:
     optimizer_state: dict[str, Any]
     rng_states: dict[str, Any]  # "rank0", "rank1", ...
     state: TrainState
+    ema_state: dict[str, torch.Tensor] | None = None  # the EMA of the weights, keyed like model_state
 
 
-def write_manifest(folder: Path, name: str) -> dict[str, Any]:
+def summary_of(state: TrainState) -> dict[str, Any]:
+    """What listing and retention need to know of a checkpoint without reading its state: kept in the manifest, so
+    the local folder and the bucket answer from the same small file."""
+    return {"step": state.step, "epoch": state.epoch, "samples_consumed": state.samples_consumed,
+            "eval_loss": state.eval_loss_here, "run_name": state.run_name}
+
+
+def write_manifest(folder: Path, name: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "crc32c": file_digest(path, "crc32c")}
     manifest = {"format_version": FORMAT_VERSION, "name": name, "created_unix": time.time(), "files": files}
+    if summary is not None:
+        manifest["summary"] = summary
     manifest_path = folder / MANIFEST
     manifest_path.write_text(json.dumps(manifest, indent=1))
     fsync_file(manifest_path)
@@ -106,12 +117,14 @@ def write_checkpoint(output_dir: Path, name: str, payload: CheckpointPayload) ->
 
 def _write_files(temp: Path, name: str, payload: CheckpointPayload) -> None:
     save_file(payload.model_state, str(temp / MODEL_FILE), metadata={"format": "pt"})
+    if payload.ema_state is not None:
+        save_file(payload.ema_state, str(temp / EMA_FILE), metadata={"format": "pt"})
     torch.save(payload.optimizer_state, temp / OPTIMIZER_FILE)
     torch.save(payload.rng_states, temp / RNG_FILE)
     (temp / STATE_FILE).write_text(json.dumps(payload.state.to_json(), indent=1))
     for path in temp.iterdir():
         fsync_file(path)
-    write_manifest(temp, name)
+    write_manifest(temp, name, summary_of(payload.state))
     fsync_dir(temp)
 
 
@@ -163,7 +176,22 @@ def load_checkpoint(folder: Path) -> CheckpointPayload:
             f"{folder}: refused to load {OPTIMIZER_FILE}/{RNG_FILE}: it holds something other than tensors and "
             f"plain data ({type(error).__name__}); the checkpoint may have been tampered with"
         ) from error
-    return CheckpointPayload(model_state, optimizer_state, rng_states, read_state(folder))
+    ema_state = load_file(str(folder / EMA_FILE), backend="mmap") if (folder / EMA_FILE).is_file() else None
+    return CheckpointPayload(model_state, optimizer_state, rng_states, read_state(folder), ema_state)
+
+
+def load_weights(folder: Path, weights: str = "live") -> dict[str, torch.Tensor]:
+    """The model's whole state from safetensors only (no pickle), for an export: live, or with the EMA of every
+    parameter in place of the parameter (buffers, which have no average, stay)."""
+    if weights not in ("live", "ema"):
+        raise ValueError(f"weights {weights!r}: expected live or ema")
+    state = load_file(str(folder / MODEL_FILE))
+    if weights == "ema":
+        if not (folder / EMA_FILE).is_file():
+            raise CheckpointError(f"{folder}: no {EMA_FILE} (the run kept no EMA: it had no --ema-decay); export its "
+                                  "live weights instead")
+        state.update(load_file(str(folder / EMA_FILE)))
+    return state
 
 
 def _load_tensors(path: Path) -> Any:

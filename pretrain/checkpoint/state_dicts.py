@@ -12,6 +12,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
@@ -37,9 +38,12 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP); tensors as they are."""
+    """Keys without wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP, and the wrapper names FSDP1
+    and checkpoint_wrapper put into named_parameters()); tensors as they are."""
     cleaned = {}
     for key, tensor in state.items():
+        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+            key = key.replace(wrapper, "")
         for prefix in ("_orig_mod.", "module."):
             while key.startswith(prefix):
                 key = key[len(prefix):]
@@ -55,6 +59,15 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
+
+def load_live_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Into a prepared model in place (plain, DDP or FSDP; compiled or not), as a rollback needs: the parameters keep
+    their identity, so the optimizer's references stay valid. Every rank calls it (FSDP scatters the full state)."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper shares the parameters
+    if hasattr(inner, "clip_grad_norm_") or any(hasattr(p, "to_local") for p in inner.parameters()):
+        set_model_state_dict(inner, clean_state_dict(state), options=StateDictOptions(full_state_dict=True))
+        return
+    load_model_state(getattr(inner, "module", inner), state)  # DDP's wrapper holds the model as .module
 
 
 def snapshot(state: Any) -> Any:

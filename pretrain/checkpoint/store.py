@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,31 @@ from pretrain.checkpoint.format import (
     step_of,
     verify_checkpoint,
 )
-from pretrain.storage import Storage, StorageError
+from pretrain.checkpoint.retention import CheckpointRecord
+from pretrain.storage import ObjectInfo, Storage, StorageError
 from pretrain.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """One checkpoint of a store as its manifest and listing describe it (nothing else is read)."""
+
+    name: str
+    step: int
+    problem: str | None  # None: complete (every file of the manifest stored with its size and, where known, CRC32C)
+    size_bytes: int  # what is stored under its name, manifest included
+    created_unix: float | None
+    eval_loss: float | None  # the eval loss measured at its step, from the manifest's summary
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+    @property
+    def record(self) -> CheckpointRecord:
+        return CheckpointRecord(self.name, self.step, self.eval_loss)
 
 
 class CheckpointStore:
@@ -66,7 +88,26 @@ class CheckpointStore:
             manifest = manifest or self.read_manifest(name)
         except (CheckpointError, StorageError) as error:
             return str(error)
+        return self._problem(name, manifest, {info.key: info for info in self.storage.list(f"{name}/")})
+
+    def describe(self, name: str) -> StoredCheckpoint:
+        """The checkpoint's manifest summary, size and completeness: one manifest read and one listing."""
         stored = {info.key: info for info in self.storage.list(f"{name}/")}
+        size = sum(info.size for info in stored.values())
+        try:
+            manifest = self.read_manifest(name)
+        except (CheckpointError, StorageError) as error:
+            return StoredCheckpoint(name, step_of(name), str(error), size, None, None)
+        summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
+        eval_loss = summary.get("eval_loss")
+        return StoredCheckpoint(name, step_of(name), self._problem(name, manifest, stored), size,
+                                manifest.get("created_unix"), float(eval_loss) if eval_loss is not None else None)
+
+    def describe_all(self) -> list[StoredCheckpoint]:
+        """Every checkpoint with a manifest, newest first."""
+        return [self.describe(name) for name in self.names()]
+
+    def _problem(self, name: str, manifest: dict[str, Any], stored: dict[str, ObjectInfo]) -> str | None:
         for relative, expected in manifest["files"].items():
             where = f"{self.storage.object_url(name)}/{relative}"
             info = stored.get(f"{name}/{relative}")
