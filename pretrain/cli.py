@@ -15,6 +15,8 @@ import typing
 from typing import Any
 
 from configs import CONFIGS, ModelConfig, TrainingConfig, get_config, with_changes
+from pretrain.data.mixture import FLAG as MIXTURE_FLAG
+from pretrain.data.mixture import parse_mixture
 from pretrain.model.families import family_for
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -133,6 +135,9 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         raise ValueError(f"--sample-corpus must be text or synthetic, got {config.sample_corpus!r}")
     if config.wandb_mode not in ("online", "offline"):
         raise ValueError(f"--wandb-mode must be online or offline, got {config.wandb_mode!r}")
+    if parse_mixture(config.data_mixture) is not None and config.data_bucket:  # MixtureError names the flag
+        raise ValueError(f"{MIXTURE_FLAG} and --data-bucket: pass one; each source of a mixture names its own "
+                         "bucket or folder")
     return config
 
 

@@ -34,7 +34,7 @@ from pretrain.checkpoint.checkpointer import Checkpointer, Resumed
 from pretrain.checkpoint.state_dicts import load_model_state
 from pretrain.checkpoint.train_state import TrainState
 from pretrain.data.samples import make_train_loader
-from pretrain.data.training_data import FrozenShards, prepare_training_data
+from pretrain.data.training_data import frozen_from_json, prepare_training_data
 from pretrain.distributed import on_main
 from pretrain.evaluation import Evaluator, eval_values
 from pretrain.memory import measured_gpu_memory_gib, plan_for_config
@@ -163,12 +163,13 @@ class Trainer:
         resumed = self.checkpointer.resume()
         self._stop_if_preempted()
         started = time.monotonic()
-        frozen = FrozenShards.from_json(resumed.state.data) if resumed else None
+        frozen = frozen_from_json(resumed.state.data) if resumed else None
         if frozen is None and config.generate_sample_data and not config.data_bucket:
             on_main(accelerator, lambda: ensure_demo_corpus(config.sample_corpus, Path(config.data_dir),
                                                             config.model.vocab_size, config.seed))
         self.data = prepare_training_data(config, accelerator, frozen,
-                                          start_sample=resumed.state.samples_consumed if resumed else 0)
+                                          start_sample=resumed.state.samples_consumed if resumed else 0,
+                                          start_step=resumed.state.step if resumed else 0)
         self.cleanup.callback(self.data.close)
         self._log(f"{self.data.describe()} (ready in {time.monotonic() - started:.1f} s)")
         self._stop_if_preempted()
@@ -211,7 +212,10 @@ class Trainer:
                                 config.max_grad_norm, lr_at(state.step + 1, config))
             state.step += 1
             state.samples_consumed += self.plan.global_batch_samples
-            state.epoch = state.samples_consumed // self.data.samples_per_epoch
+            state.epoch = self.data.epoch_at(state.samples_consumed)
+            previous, state.data_consumed = state.data_consumed, self.data.accounting(state.samples_consumed)
+            for line in self.data.epoch_lines(previous, state.data_consumed, state.step):
+                self._log(line)
             state.elapsed_seconds += time.monotonic() - clock
             clock = time.monotonic()
             self._count_skipped(result)
@@ -257,7 +261,8 @@ class Trainer:
         values["train/lr"] = lr_at(state.step, self.config)
         values["train/grad_norm"] = float(result.grad_norm)
         values["train/nonfinite_steps"] = float(state.nonfinite_steps)
-        values["train/epoch"] = state.samples_consumed / self.data.samples_per_epoch
+        values["train/epoch"] = self.data.epochs_at(state.samples_consumed)
+        values.update(self.data.metric_values(state.samples_consumed))
         values["time/elapsed_seconds"] = state.elapsed_seconds
         if self.checkpointer.remote is not None:
             values["checkpoint/upload_failures"] = float(self.checkpointer.upload_failures)
@@ -268,7 +273,7 @@ class Trainer:
             return
         loss = self.evaluator.evaluate(self.model)
         self.state.best_eval_loss = min(self.state.best_eval_loss, loss)
-        self.metrics.publish(self.state.step, eval_values(loss))
+        self.metrics.publish(self.state.step, eval_values(loss, self.evaluator.per_source))
         self.metrics.start_window(self.state.step)
 
     def _train_state(self, resumed: Resumed | None) -> TrainState:
@@ -282,6 +287,8 @@ class Trainer:
             state.global_batch_samples = self.plan.global_batch_samples
             state.num_processes = self.accelerator.num_processes
             state.config, state.versions = as_dict(config), library_versions()
+            if self.data.grew:  # the checkpoints from here on record the data added at this resume
+                state.data = self.data.frozen.to_json()
             return state
         name = broadcast_object_list([config.run_name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"])[0]
         return TrainState(

@@ -27,7 +27,8 @@ ALLOWED = {
     # the export writes the weights as the checkpoint does, with the data's tokenizer
     "pretrain.model": {"pretrain.checkpoint.state_dicts", "pretrain.prepare.tokenizer"},
     "pretrain.memory": {"pretrain.model.families", "pretrain.model.family"},
-    "pretrain.cli": {"pretrain.model.families", "pretrain.model.family"},
+    # the mixture flag is checked where every flag is (pretrain.data.mixture is standard library only)
+    "pretrain.cli": {"pretrain.model.families", "pretrain.model.family", "pretrain.data.mixture"},
     "pretrain.plan": {"pretrain.model"},
     "pretrain.optim": set(),
     "pretrain.metrics": set(),

@@ -33,7 +33,7 @@ from pretrain.storage import StorageOptions, open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET_KEYS = {"format_version", "tokenizer", "vocab_size", "eos_token_id", "dtype", "seq_len_hint", "shards",
-                "sources", "totals", "packing_efficiency", "seed"}
+                "eval_shards", "sources", "totals", "eval_split", "packing_efficiency", "seed"}
 VOCAB = 600
 KILL_TIMEOUT_SECONDS = 120
 
@@ -57,8 +57,9 @@ def read_documents(path: Path) -> list[tuple[int, str]]:
 
 
 def decoded_documents(out: Path) -> tuple[dict, list[np.ndarray]]:
+    """Every document in stream order: the training shards', then the eval split's (the end of the key order)."""
     meta = json.loads((out / "dataset.json").read_text())
-    ids = np.concatenate([np.load(out / shard["path"])["input_ids"] for shard in meta["shards"]])
+    ids = np.concatenate([np.load(out / shard["path"])["input_ids"] for shard in meta["shards"] + meta["eval_shards"]])
     ends = np.flatnonzero(ids == meta["eos_token_id"])
     assert len(ends) and ends[-1] == len(ids) - 1, "the stream must end with EOS"
     return meta, [doc[:-1] for doc in np.split(ids, ends + 1)[:-1]]
@@ -117,9 +118,21 @@ def test_real_text_round_trips_in_the_seeded_order(corpus: Path, trained: Path):
     # The corpus order is gone: the first documents of the first shard come from all over the corpus.
     in_corpus_order = [t for p in sorted(corpus.glob("*.jsonl"), key=str) for _, t in read_documents(p)]
     assert expected != in_corpus_order
+    # The default eval split: whole documents at the end of the key order, at least the auto target of tokens, in
+    # shards of their own; the training shards end with a whole document.
+    split = meta["eval_split"]
+    total = meta["totals"]["tokens"]
+    target = min(max(round(0.01 * total), 16_384), int(0.1 * total))
+    eval_tokens = sum(s["num_tokens"] for s in meta["eval_shards"])
+    assert split["requested"] == "auto" and split["tokens"] == eval_tokens >= target
+    assert eval_tokens - target < max(len(d) + 1 for d in documents)  # the last document that crosses the cut
+    assert sum(len(d) + 1 for d in documents[-split["documents"]:]) == eval_tokens
+    train_stream = np.concatenate([np.load(trained / s["path"])["input_ids"] for s in meta["shards"]])
+    assert train_stream[-1] == meta["eos_token_id"] and len(train_stream) == total - eval_tokens
+    assert [s["path"] for s in meta["eval_shards"]] == [f"eval_{i:05d}.npz" for i in range(len(meta["eval_shards"]))]
     # The trainer's own shard checks accept every shard.
     infos = inspect_shards(trained, discover_shards(trained), 128, meta["vocab_size"])
-    assert [i.to_dict() for i in infos] == meta["shards"]
+    assert [i.to_dict() for i in infos] == meta["eval_shards"] + meta["shards"]
 
 
 def test_order_does_not_depend_on_workers_or_how_work_is_split(corpus: Path, trained: Path, tmp_path: Path,

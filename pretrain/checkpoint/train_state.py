@@ -38,6 +38,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # logged loss/lr/eval points, for plots after resume
     wandb_run_id: str | None = None
     elapsed_seconds: float = 0.0
+    data_consumed: dict[str, dict[str, int]] = field(default_factory=dict)  # per mixture source: samples, tokens, epoch
 
     def to_json(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
