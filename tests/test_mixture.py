@@ -264,7 +264,7 @@ def test_growth_adds_a_source_and_shards_and_no_sample_is_read_twice_before_a_so
     assert len(after.growth) == 1 and after.growth[0].at == at and after.growth[0].step == 37
     lines = after.growth[0].lines
     assert lines[0].startswith("web: +2 shards") and lines[1].startswith("books: new source, 9 shards")
-    assert lines[2] == "weights from sample 592 on: web 0.5, code 0.25, books 0.25"
+    assert lines[2] == "weights from sample 592 on: web 50%, code 25%, books 25%"
     assert FrozenData.from_json(json.loads(json.dumps(after.to_json()))) == after
     assert after.to_json()["train_files"] == 14 + 20 + 9
 
@@ -285,7 +285,8 @@ def test_growth_adds_a_source_and_shards_and_no_sample_is_read_twice_before_a_so
 
 
 def test_a_joining_part_and_the_rest_of_the_epoch_finish_together_then_run_in_step():
-    source = FrozenSource("web", "u", (Part(shards("web", [12, 9]), ORDER, 1), Part(shards("new", [5, 6]), ORDER, 2, 8)))
+    parts = (Part(shards("web", [12, 9]), ORDER, 1), Part(shards("new", [5, 6]), ORDER, 2, 8))
+    source = FrozenSource("web", "u", parts)
     segments = within_segments(source, SEQ_LEN)
     assert segments == [(0, (F(21), F(0))), (8, (F(13), F(11))), (32, (F(21), F(11)))]
     within = Interleave(segments, 2)
@@ -325,3 +326,17 @@ def test_records_of_an_unknown_version_are_refused_in_one_line():
         FrozenData.from_json(record)
     assert FrozenData.from_json(frozen.to_json()) == frozen
     assert Growth.from_json(Growth(5, 1, ("x",)).to_json()) == Growth(5, 1, ("x",))
+
+
+def test_the_mixture_flags_are_config_fields_checked_with_the_others():
+    from pretrain.cli import build_parser, parse_config
+
+    config = parse_config(["--data-mixture", "web=gs://b/web:1,code=gs://b/code:3", "--data-growth", "true"])
+    assert config.data_mixture == "web=gs://b/web:1,code=gs://b/code:3" and config.data_growth
+    assert parse_config([]).data_mixture == "" and not parse_config([]).data_growth
+    with pytest.raises(ValueError, match=r"^--data-mixture web=gs://b/web:x: the weight of source web is 'x'"):
+        parse_config(["--data-mixture", "web=gs://b/web:x"])
+    with pytest.raises(ValueError, match=r"^--data-mixture and --data-bucket: pass one"):
+        parse_config(["--data-mixture", "web=gs://b/web:1", "--data-bucket", "gs://b/data"])
+    help_text = " ".join(build_parser(config).format_help().split())
+    assert "--data-mixture STR several datasets: NAME=URL:WEIGHT" in help_text and "--data-growth [BOOL]" in help_text

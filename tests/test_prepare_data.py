@@ -438,3 +438,45 @@ def test_tokenizer_folder_eos_comes_from_its_config(small_docs: list[str], train
                               "--workers", "1"]) == 0
     meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert meta["eos_token_id"] == 300
+
+
+@pytest.mark.parametrize("split", ["0", "0.25", "5000"])
+def test_the_eval_split_is_whole_documents_at_the_end_of_the_order(split: str, corpus: Path, trained: Path,
+                                                                   tmp_path: Path):
+    out = tmp_path / "out"
+    assert prepare_data.main([str(corpus), "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"),
+                              "--shard-tokens", "7000", "--bucket-tokens", "20000", "--workers", "1",
+                              "--eval-split", split]) == 0
+    meta, documents = decoded_documents(out)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [tokenizer.decode(doc.tolist()) for doc in documents] == expected_order(corpus, seed=0)
+    total, held = meta["totals"]["tokens"], sum(s["num_tokens"] for s in meta["eval_shards"])
+    target = {"0": 0, "0.25": round(0.25 * total), "5000": 5000}[split]
+    assert meta["eval_split"] == {"requested": split, "documents": meta["eval_split"]["documents"], "tokens": held}
+    assert target <= held < target + max(len(d) + 1 for d in documents)
+    if split == "0":  # no split: the shards of before, every one a training shard
+        assert meta["eval_shards"] == [] and not list(out.glob("eval_*.npz"))
+        assert [s["num_tokens"] for s in meta["shards"][:-1]] == [7000] * (len(meta["shards"]) - 1)
+    else:
+        assert sum(len(d) + 1 for d in documents[-meta["eval_split"]["documents"]:]) == held
+        assert [s["num_tokens"] for s in meta["eval_shards"][:-1]] == [7000] * (len(meta["eval_shards"]) - 1)
+
+
+@pytest.mark.parametrize("split, fragment", [("lots", "--eval-split lots: expected auto"),
+                                             ("10000000", "leaves no training text"), ("-1", "--eval-split -1")])
+def test_a_bad_eval_split_is_one_line_and_exit_2(split: str, fragment: str, small_docs: list[str], trained: Path,
+                                                 tmp_path: Path):
+    inputs = write_formats(tmp_path / "in", small_docs)["gz"]
+    result = prep(*inputs, "--out", str(tmp_path / "out"), "--tokenizer", str(trained / "tokenizer.json"),
+                  "--eval-split", split)
+    errors = [line for line in error_lines(result) if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr
+    assert error_lines(result)[-1] == errors[0]  # a split too large is known once tokenized: the last line
+
+
+def test_a_rerun_with_another_eval_split_is_refused(small_docs: list[str], trained: Path, tmp_path: Path):
+    inputs = write_formats(tmp_path / "in", small_docs)["gz"]
+    common = [*inputs, "--out", str(tmp_path / "out"), "--tokenizer", str(trained / "tokenizer.json")]
+    assert prep(*common).returncode == 0
+    refused = prep(*common, "--eval-split", "0")
+    assert refused.returncode == 2 and "--eval-split 'auto', this run has '0'" in refused.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -277,12 +276,6 @@ def derived_seed(seed: int, *words: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def format_weight(weight: Fraction) -> str:
-    """0.7 rather than 7/10 where the decimal is exact and short."""
-    value = float(weight)
-    return f"{value:g}" if Fraction(f"{value:g}") == weight else str(weight)
-
-
-def share(weights: Sequence[Fraction]) -> list[float]:
-    total = sum(weights)
-    return [float(w / total) if total else math.nan for w in weights]
+def format_share(weight: Fraction, weights: Sequence[Fraction]) -> str:
+    """A weight as its share of all, in percent: 0.7 of 0.7 + 0.3 is 70%."""
+    return f"{100 * float(weight / sum(weights)):.3g}%"

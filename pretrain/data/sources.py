@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from pretrain.data.format import ShardInfo
-from pretrain.data.mixture import Interleave, derived_seed, format_weight
+from pretrain.data.mixture import Interleave, derived_seed, format_share
 from pretrain.data.order import LEGACY_ORDER, OrderSpec, SampleOrder
 
 RECORD_VERSION = 2  # 1 (implicit): {"train", "eval", "order"}, one unnamed source of one part
@@ -303,7 +303,7 @@ def grown(frozen: FrozenData, at: int, step: int, seq_len: int, seed: int, order
         segments += [(start, tuple(weights.get(name, Fraction(0)) for name in names))
                      for start, weights in new_segments]
         weights = segments[-len(new_segments)][1]
-        described = ", ".join(f"{n} {format_weight(w / sum(weights))}" for n, w in zip(names, weights))
+        described = ", ".join(f"{n} {format_share(w, weights)}" for n, w in zip(names, weights))
         lines.append(f"weights from sample {at:,} on: {described}" +
                      (f"; {len(later)} later stage(s)" if later else ""))
     growth = Growth(at, step, tuple(lines))

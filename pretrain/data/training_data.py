@@ -32,7 +32,7 @@ from pretrain.data.mixture import (
     FLAG,
     MixtureSpec,
     derived_seed,
-    format_weight,
+    format_share,
     parse_mixture,
 )
 from pretrain.data.order import LEGACY_ORDER, OrderSpec
@@ -128,12 +128,18 @@ class TrainingData:
                     f"{self.train.seq_len} tokens per epoch), {len(frozen.eval)} held out for evaluation; "
                     f"order v{order.version}: blocks of {order.mix_shards} chunks, {order.shard_chunks} per shard; "
                     f"{self.ready_at_start} shards ready before step 1{background}")
+        if not frozen.mixture:
+            source = frozen.sources[0]
+            return (f"data: {len(source.train)} training shards in {len(source.parts)} parts (grown at step "
+                    f"{', '.join(str(g.step) for g in frozen.growth)}; {sum(self.order.sizes[0]):,} samples of "
+                    f"{self.order.seq_len} tokens per epoch), {len(source.eval)} held out for evaluation; "
+                    f"{self.ready_at_start} shards ready before step 1{background}")
         parts, weights = [], frozen.weights_at(0)
-        for source, weight in zip(frozen.sources, [w / sum(weights) for w in weights]):
+        for source, weight in zip(frozen.sources, weights):
             samples = sum(part.samples(self.order.seq_len) for part in source.parts)
             pieces = f", {len(source.parts)} parts" if len(source.parts) > 1 else ""
-            parts.append(f"{source.name} {format_weight(weight)} ({len(source.train)} shards{pieces}, {samples:,} "
-                         f"samples, {len(source.eval)} eval)")
+            parts.append(f"{source.name} {format_share(weight, weights)} ({len(source.train)} shards{pieces}, "
+                         f"{samples:,} samples, {len(source.eval)} eval)")
         stages = len(frozen.segments) - 1
         return (f"data: mixture of {len(frozen.sources)} sources, weights at step 1: {'; '.join(parts)}"
                 f"{f'; {stages} later change(s) of the weights' if stages else ''}; "
@@ -259,6 +265,12 @@ def prepare_training_data(config, accelerator, frozen: FrozenData | FrozenShards
     if plain:
         train, evaluation, per_epoch = parts[0][0], evals.get(frozen.sources[0].name), parts[0][0].samples_per_epoch
     else:
+        global_micro_batch = config.per_device_train_batch_size * accelerator.num_processes
+        for name, samples in list(evals.items()):
+            if samples.samples_per_epoch < global_micro_batch:  # make_eval_batches would stop the run mid-way
+                _log_main(accelerator, f"source {name}: its eval shards hold {samples.samples_per_epoch} samples, "
+                                       f"fewer than one global micro-batch ({global_micro_batch}); not evaluated")
+                del evals[name]
         train, evaluation = MixtureSamples(order, parts), (evals or None)
         per_epoch = sum(sum(sizes) for sizes in order.sizes)
     where = ", ".join(place.bucket or str(place.root) for place in places)
