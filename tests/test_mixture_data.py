@@ -50,7 +50,7 @@ def make_sources(root: Path) -> dict[str, str]:
     """web and code in buckets, math in a local folder; distinct ids per source so every sample names its source."""
     write_shards(root / "web-bucket", 10, first_id=0)
     write_shards(root / "code-bucket", 6, first_id=400)
-    write_shards(root / "math", 3, samples=3, first_id=800)
+    write_shards(root / "math", 3, samples=4, first_id=800)  # its eval shard: one global micro-batch (4 samples)
     return {"web": (root / "web-bucket").as_uri(), "code": (root / "code-bucket").as_uri(), "math": str(root / "math")}
 
 
@@ -102,7 +102,7 @@ def test_a_fresh_mixture_fetches_each_source_into_its_folder_and_only_the_first_
         wait_until(lambda: local_npz(tmp_path / "data" / "web") == {s.path for s in frozen.sources[0].all})
         accounting = training.accounting(200)
         assert {name: n["samples"] for name, n in accounting.items()} == {"web": 100, "code": 60, "math": 40}
-        assert accounting["math"]["epoch"] == 40 // 6 and training.epoch_at(200) == 40 // 6
+        assert accounting["math"]["epoch"] == 40 // 8 and training.epoch_at(200) == 40 // 8
         assert training.metric_values(200)["data/tokens/code"] == 60 * SEQ_LEN
         record = json.loads(json.dumps(frozen.to_json()))
         assert FrozenData.from_json(record) == frozen and record["train_files"] == 16
