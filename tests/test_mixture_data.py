@@ -13,10 +13,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import pretrain.data.fetch as shard_fetch
 import pretrain.data.training_data as dataset_module
 from pretrain.data.format import DATASET_JSON
+from pretrain.data.samples import make_train_loader
 from pretrain.data.sources import FrozenData, MixtureOrder
 from pretrain.data.training_data import MixtureSamples, prepare_training_data
 from tests.test_dataset import (
@@ -99,6 +101,10 @@ def test_a_fresh_mixture_fetches_each_source_into_its_folder_and_only_the_first_
             path = frozen.sources[source].parts[part].train[shard].path
             np.testing.assert_array_equal(training.train[index].numpy(),
                                           expected_sample(tmp_path, places[name], path, sample))
+        # DataLoader workers (other processes) read the same samples through a pickled copy.
+        loader = iter(make_train_loader(training.train, 20, 4, 0, 1, num_workers=1))
+        assert torch.equal(torch.cat([next(loader) for _ in range(3)]),
+                           torch.stack([training.train[i] for i in range(20, 32)]))
         wait_until(lambda: local_npz(tmp_path / "data" / "web") == {s.path for s in frozen.sources[0].all})
         accounting = training.accounting(200)
         assert {name: n["samples"] for name, n in accounting.items()} == {"web": 100, "code": 60, "math": 40}
