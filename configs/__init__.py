@@ -60,7 +60,9 @@ class TrainingConfig:
     data_bucket: str = ""  # URL to download shards from before training (gs://, s3://, az://, file://)
     max_files: int = 0  # 0: all shards
     seq_len: int = 1024
-    eval_shards: int = 1  # the last N shards are held out for evaluation
+    eval_shards: int = 1  # without an eval split in dataset.json, the last N shards are held out for evaluation
+    data_mixture: str = ""  # several datasets: NAME=URL:WEIGHT,... or a .yaml/.json file with sources and stages
+    data_growth: bool = False  # on resume, add sources and shards the checkpoint's frozen data lacks from that step on
     # The sample order (fresh runs; a resumed run keeps the order frozen in its checkpoint): each shard is cut into
     # shard_chunks chunks, and each block of the order mixes block_chunks random chunks. Keep block_chunks several
     # times the global batch (in samples) when shards hold one stretch of the corpus each; each reader keeps up to

@@ -16,6 +16,8 @@ from typing import Any
 
 from configs import CONFIGS, ModelConfig, TrainingConfig, get_config, with_changes
 from pretrain.checkpoint.format import step_of
+from pretrain.data.mixture import FLAG as MIXTURE_FLAG
+from pretrain.data.mixture import parse_mixture
 from pretrain.model.families import family_for
 from pretrain.model.sizing import apply_sizing, parse_count
 
@@ -160,6 +162,9 @@ def validate(config: TrainingConfig) -> TrainingConfig:
     if config.wandb_mode not in ("online", "offline"):
         raise ValueError(f"--wandb-mode must be online or offline, got {config.wandb_mode!r}")
     _validate_unattended(config)
+    if parse_mixture(config.data_mixture) is not None and config.data_bucket:  # MixtureError names the flag
+        raise ValueError(f"{MIXTURE_FLAG} and --data-bucket: pass one; each source of a mixture names its own "
+                         "bucket or folder")
     return config
 
 

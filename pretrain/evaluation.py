@@ -1,5 +1,6 @@
-"""Held-out loss: the same batches at every evaluation, every `eval_steps` steps and after the last one; what the run
-remembers of it (best, latest, evaluations without improvement) and early stopping on it."""
+"""Held-out loss: the same batches at every evaluation, every `eval_steps` steps and after the last one; for a
+mixture, each source's on its own eval shards, and their mean; what the run remembers of it (best, latest,
+evaluations without improvement) and early stopping on it."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator:
-    def __init__(self, config: TrainingConfig, accelerator: Accelerator, data: TokenSamples | None) -> None:
+    def __init__(self, config: TrainingConfig, accelerator: Accelerator,
+                 data: TokenSamples | dict[str, TokenSamples] | None) -> None:
         self.config = config
         self.accelerator = accelerator
         self.data = data
+        self.per_source: dict[str, float] = {}  # a mixture's last losses, by source
         self._eager_only = False
 
     def due(self, step: int) -> bool:
@@ -29,7 +32,7 @@ class Evaluator:
         return self.data is not None and (step == self.config.max_steps or (every > 0 and step % every == 0))
 
     def evaluate(self, model: torch.nn.Module) -> float:
-        """Mean loss over the eval batches of every process (one host sync).
+        """Mean loss over the eval batches of every process (one host sync); a mixture: the mean of its sources'.
 
         A compiled model compiles again for evaluation (no_grad, eval mode) at its first one; a backend that fails
         there falls back to the eager model for this and every later evaluation, as the training's warm-up does."""
@@ -48,21 +51,31 @@ class Evaluator:
             return self._evaluate(eager)
 
     def _evaluate(self, model: torch.nn.Module) -> float:
-        config, accelerator = self.config, self.accelerator
+        accelerator = self.accelerator
         model.eval()
-        total = torch.zeros((), device=accelerator.device)
-        count = 0
         try:
-            with torch.no_grad():
-                for input_ids in make_eval_batches(self.data, config.per_device_train_batch_size,
-                                                   accelerator.process_index, accelerator.num_processes,
-                                                   config.eval_batches):
-                    input_ids = input_ids.to(accelerator.device)
-                    total += model(input_ids=input_ids, labels=input_ids).loss.detach()
-                    count += 1
+            if isinstance(self.data, dict):
+                names = list(self.data)
+                means = torch.stack([self._mean_loss(model, self.data[name]) for name in names])
+                losses = accelerator.reduce(means, reduction="mean").tolist()
+                self.per_source = dict(zip(names, losses))
+                return sum(losses) / len(losses)
+            return accelerator.reduce(self._mean_loss(model, self.data), reduction="mean").item()
         finally:
             model.train()
-        return accelerator.reduce(total / count, reduction="mean").item()
+
+    def _mean_loss(self, model: torch.nn.Module, data: TokenSamples) -> torch.Tensor:
+        config, accelerator = self.config, self.accelerator
+        total = torch.zeros((), device=accelerator.device)
+        count = 0
+        with torch.no_grad():
+            for input_ids in make_eval_batches(data, config.per_device_train_batch_size,
+                                               accelerator.process_index, accelerator.num_processes,
+                                               config.eval_batches):
+                input_ids = input_ids.to(accelerator.device)
+                total += model(input_ids=input_ids, labels=input_ids).loss.detach()
+                count += 1
+        return total / count
 
     @staticmethod
     def record(state, loss: float) -> None:
@@ -81,5 +94,9 @@ class Evaluator:
                 f"(--early-stop-patience {patience}; best {state.best_eval_loss:.4f})")
 
 
-def eval_values(loss: float) -> dict[str, float]:
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+def eval_values(loss: float, per_source: dict[str, float] | None = None) -> dict[str, float]:
+    values = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    for name, source_loss in (per_source or {}).items():
+        values[f"eval/loss/{name}"] = source_loss
+        values[f"eval/perplexity/{name}"] = math.exp(min(source_loss, 50.0))
+    return values

@@ -40,7 +40,7 @@ from pretrain.checkpoint.format import step_of
 from pretrain.checkpoint.state_dicts import load_model_state
 from pretrain.checkpoint.train_state import TrainState
 from pretrain.data.samples import make_train_loader
-from pretrain.data.training_data import FrozenShards, prepare_training_data
+from pretrain.data.training_data import frozen_from_json, prepare_training_data
 from pretrain.distributed import on_main
 from pretrain.ema import EMA
 from pretrain.errors import cause_line
@@ -335,12 +335,13 @@ class Trainer:
             self._log(f"--init-from {config.init_from} is not used: this run resumes with its checkpoint's weights")
         self._stop_if_preempted()
         started = time.monotonic()
-        frozen = FrozenShards.from_json(resumed.state.data) if resumed else None
+        frozen = frozen_from_json(resumed.state.data) if resumed else None
         if frozen is None and config.generate_sample_data and not config.data_bucket:
             on_main(accelerator, lambda: ensure_demo_corpus(config.sample_corpus, Path(config.data_dir),
                                                             config.model.vocab_size, config.seed))
         self.data = prepare_training_data(config, accelerator, frozen,
-                                          start_sample=resumed.state.samples_consumed if resumed else 0)
+                                          start_sample=resumed.state.samples_consumed if resumed else 0,
+                                          start_step=resumed.state.step if resumed else 0)
         self.cleanup.callback(self.data.close)
         self._log(f"{self.data.describe()} (ready in {time.monotonic() - started:.1f} s)")
         self._stop_if_preempted()
@@ -399,7 +400,10 @@ class Trainer:
                                 self.spikes.device_limits(state, state.step + 1))
             state.step += 1
             state.samples_consumed += self.plan.global_batch_samples
-            state.epoch = state.samples_consumed // self.data.samples_per_epoch
+            state.epoch = self.data.epoch_at(state.samples_consumed)
+            previous, state.data_consumed = state.data_consumed, self.data.accounting(state.samples_consumed)
+            for line in self.data.epoch_lines(previous, state.data_consumed, state.step):
+                self._log(line)
             state.elapsed_seconds += time.monotonic() - clock
             clock = time.monotonic()
             if self.ema is not None:
@@ -547,7 +551,8 @@ class Trainer:
         values["train/loss_spikes"] = float(state.loss_spikes)
         values["train/rollbacks"] = float(len(state.rollbacks))
         values.update(state.lost_time.scalars())
-        values["train/epoch"] = state.samples_consumed / self.data.samples_per_epoch
+        values["train/epoch"] = self.data.epochs_at(state.samples_consumed)
+        values.update(self.data.metric_values(state.samples_consumed))
         values["time/elapsed_seconds"] = state.elapsed_seconds
         if self.checkpointer.remote is not None:
             values["checkpoint/upload_failures"] = float(self.checkpointer.upload_failures)
@@ -561,7 +566,7 @@ class Trainer:
         started = time.perf_counter()
         loss = self.evaluator.evaluate(self.model)
         self.evaluator.record(self.state, loss)
-        self.metrics.publish(self.state.step, eval_values(loss))
+        self.metrics.publish(self.state.step, eval_values(loss, self.evaluator.per_source))
         self.metrics.exclude(time.perf_counter() - started)
 
     def _check_branch_point(self, state: TrainState) -> None:
@@ -596,6 +601,8 @@ class Trainer:
             state.global_batch_samples = self.plan.global_batch_samples
             state.num_processes = self.accelerator.num_processes
             state.config, state.versions = as_dict(config), library_versions()
+            if self.data.grew:  # the checkpoints from here on record the data added at this resume
+                state.data = self.data.frozen.to_json()
             return state
         name = broadcast_object_list([config.run_name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"])[0]
         return TrainState(

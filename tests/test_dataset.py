@@ -216,7 +216,7 @@ def test_resume_on_an_empty_disk_fetches_the_frozen_shards_and_reads_the_same_sa
 
     second_vm = prepare_training_data(config(tmp_path / "vm2", bucket.url), ONE_PROCESS, frozen, start_sample=k)
     try:
-        assert second_vm.frozen == frozen
+        assert second_vm.frozen.to_json() == frozen.to_json()  # the record checkpoints of runs before mixtures hold
         batches = itertools.islice(make_train_loader(second_vm.train, k, 4, 0, 1, num_workers=0), 10)
         assert torch.equal(torch.cat(list(batches)), torch.stack(reference))
         second_vm.train[2 * second_vm.samples_per_epoch - 1]  # the last shard of the schedule is in epoch 1
@@ -266,7 +266,7 @@ def test_a_bad_shard_late_in_the_order_does_not_delay_start_and_fails_its_reader
 
     training = prepare_training_data(config(data_dir, eval_shards=1, block_chunks=2), ONE_PROCESS, None)
     try:
-        assert training.frozen == frozen
+        assert training.frozen.to_json() == frozen.to_json()
         assert len(scanned_at_start) == 2 + 1, "start-up read more than the first block and the eval shard"
         position = frozen.train.index(bad)
         index = next(i for i in range(training.samples_per_epoch) if order.locate(i)[0] == position)

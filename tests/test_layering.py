@@ -27,9 +27,10 @@ ALLOWED = {
     # the export writes the weights as the checkpoint does, with the data's tokenizer
     "pretrain.model": {"pretrain.checkpoint.state_dicts", "pretrain.prepare.tokenizer"},
     "pretrain.memory": {"pretrain.model.families", "pretrain.model.family"},
-    # the shape from a preset or a parameter target; a cooldown branch's step from its checkpoint's name
+    # the shape from a preset or a parameter target; a cooldown branch's step from its checkpoint's name; the mixture
+    # flag is checked where every flag is (pretrain.data.mixture is standard library only)
     "pretrain.cli": {"pretrain.model.families", "pretrain.model.family", "pretrain.model.sizing",
-                     "pretrain.checkpoint.format"},
+                     "pretrain.checkpoint.format", "pretrain.data.mixture"},
     "pretrain.plan": {"pretrain.model"},
     "pretrain.optim": set(),
     "pretrain.metrics": set(),

@@ -33,7 +33,7 @@ from pretrain.storage import StorageOptions, open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET_KEYS = {"format_version", "tokenizer", "vocab_size", "eos_token_id", "dtype", "seq_len_hint", "shards",
-                "sources", "totals", "packing_efficiency", "seed"}
+                "eval_shards", "sources", "totals", "eval_split", "packing_efficiency", "seed"}
 VOCAB = 600
 KILL_TIMEOUT_SECONDS = 120
 
@@ -57,8 +57,9 @@ def read_documents(path: Path) -> list[tuple[int, str]]:
 
 
 def decoded_documents(out: Path) -> tuple[dict, list[np.ndarray]]:
+    """Every document in stream order: the training shards', then the eval split's (the end of the key order)."""
     meta = json.loads((out / "dataset.json").read_text())
-    ids = np.concatenate([np.load(out / shard["path"])["input_ids"] for shard in meta["shards"]])
+    ids = np.concatenate([np.load(out / shard["path"])["input_ids"] for shard in meta["shards"] + meta["eval_shards"]])
     ends = np.flatnonzero(ids == meta["eos_token_id"])
     assert len(ends) and ends[-1] == len(ids) - 1, "the stream must end with EOS"
     return meta, [doc[:-1] for doc in np.split(ids, ends + 1)[:-1]]
@@ -117,9 +118,21 @@ def test_real_text_round_trips_in_the_seeded_order(corpus: Path, trained: Path):
     # The corpus order is gone: the first documents of the first shard come from all over the corpus.
     in_corpus_order = [t for p in sorted(corpus.glob("*.jsonl"), key=str) for _, t in read_documents(p)]
     assert expected != in_corpus_order
+    # The default eval split: whole documents at the end of the key order, at least the auto target of tokens, in
+    # shards of their own; the training shards end with a whole document.
+    split = meta["eval_split"]
+    total = meta["totals"]["tokens"]
+    target = min(max(round(0.01 * total), 16_384), int(0.1 * total))
+    eval_tokens = sum(s["num_tokens"] for s in meta["eval_shards"])
+    assert split["requested"] == "auto" and split["tokens"] == eval_tokens >= target
+    assert eval_tokens - target < max(len(d) + 1 for d in documents)  # the last document that crosses the cut
+    assert sum(len(d) + 1 for d in documents[-split["documents"]:]) == eval_tokens
+    train_stream = np.concatenate([np.load(trained / s["path"])["input_ids"] for s in meta["shards"]])
+    assert train_stream[-1] == meta["eos_token_id"] and len(train_stream) == total - eval_tokens
+    assert [s["path"] for s in meta["eval_shards"]] == [f"eval_{i:05d}.npz" for i in range(len(meta["eval_shards"]))]
     # The trainer's own shard checks accept every shard.
     infos = inspect_shards(trained, discover_shards(trained), 128, meta["vocab_size"])
-    assert [i.to_dict() for i in infos] == meta["shards"]
+    assert [i.to_dict() for i in infos] == meta["eval_shards"] + meta["shards"]
 
 
 def test_order_does_not_depend_on_workers_or_how_work_is_split(corpus: Path, trained: Path, tmp_path: Path,
@@ -425,3 +438,45 @@ def test_tokenizer_folder_eos_comes_from_its_config(small_docs: list[str], train
                               "--workers", "1"]) == 0
     meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert meta["eos_token_id"] == 300
+
+
+@pytest.mark.parametrize("split", ["0", "0.25", "5000"])
+def test_the_eval_split_is_whole_documents_at_the_end_of_the_order(split: str, corpus: Path, trained: Path,
+                                                                   tmp_path: Path):
+    out = tmp_path / "out"
+    assert prepare_data.main([str(corpus), "--out", str(out), "--tokenizer", str(trained / "tokenizer.json"),
+                              "--shard-tokens", "7000", "--bucket-tokens", "20000", "--workers", "1",
+                              "--eval-split", split]) == 0
+    meta, documents = decoded_documents(out)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [tokenizer.decode(doc.tolist()) for doc in documents] == expected_order(corpus, seed=0)
+    total, held = meta["totals"]["tokens"], sum(s["num_tokens"] for s in meta["eval_shards"])
+    target = {"0": 0, "0.25": round(0.25 * total), "5000": 5000}[split]
+    assert meta["eval_split"] == {"requested": split, "documents": meta["eval_split"]["documents"], "tokens": held}
+    assert target <= held < target + max(len(d) + 1 for d in documents)
+    if split == "0":  # no split: the shards of before, every one a training shard
+        assert meta["eval_shards"] == [] and not list(out.glob("eval_*.npz"))
+        assert [s["num_tokens"] for s in meta["shards"][:-1]] == [7000] * (len(meta["shards"]) - 1)
+    else:
+        assert sum(len(d) + 1 for d in documents[-meta["eval_split"]["documents"]:]) == held
+        assert [s["num_tokens"] for s in meta["eval_shards"][:-1]] == [7000] * (len(meta["eval_shards"]) - 1)
+
+
+@pytest.mark.parametrize("split, fragment", [("lots", "--eval-split lots: expected auto"),
+                                             ("10000000", "leaves no training text"), ("-1", "--eval-split -1")])
+def test_a_bad_eval_split_is_one_line_and_exit_2(split: str, fragment: str, small_docs: list[str], trained: Path,
+                                                 tmp_path: Path):
+    inputs = write_formats(tmp_path / "in", small_docs)["gz"]
+    result = prep(*inputs, "--out", str(tmp_path / "out"), "--tokenizer", str(trained / "tokenizer.json"),
+                  "--eval-split", split)
+    errors = [line for line in error_lines(result) if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr
+    assert error_lines(result)[-1] == errors[0]  # a split too large is known once tokenized: the last line
+
+
+def test_a_rerun_with_another_eval_split_is_refused(small_docs: list[str], trained: Path, tmp_path: Path):
+    inputs = write_formats(tmp_path / "in", small_docs)["gz"]
+    common = [*inputs, "--out", str(tmp_path / "out"), "--tokenizer", str(trained / "tokenizer.json")]
+    assert prep(*common).returncode == 0
+    refused = prep(*common, "--eval-split", "0")
+    assert refused.returncode == 2 and "--eval-split 'auto', this run has '0'" in refused.stderr

@@ -333,7 +333,8 @@ class Checkpointer:
         state.scaler = scaler.state_dict() if scaler is not None else None
 
         def hand_over() -> None:
-            name = checkpoint_name(state.epoch, state.step, len(state.data["train"]))
+            files = state.data.get("train_files") or len(state.data["train"])  # a mixture's record counts its own
+            name = checkpoint_name(state.epoch, state.step, files)
             self._report_uploads()
             self._wait_for_writer()
             # The only copy the training thread waits for; FSDP states arrive gathered into fresh host memory.

@@ -56,6 +56,7 @@ class TrainState:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)  # spike_step, restored_step, skipped, unix
     skipped_samples: list[list[int]] = field(default_factory=list)  # [start, end) sample windows no step reads
     lost_time: LostTime = field(default_factory=LostTime)
+    data_consumed: dict[str, dict[str, int]] = field(default_factory=dict)  # per mixture source: samples, tokens, epoch
 
     @property
     def eval_loss_here(self) -> float | None:

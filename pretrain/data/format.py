@@ -26,7 +26,8 @@ from pretrain.storage.local import LocalStorage
 ARRAY_NAME = "input_ids"
 SHARD_SUFFIX = ".npz"
 DATASET_JSON = "dataset.json"
-DATASET_FORMAT_VERSION = 1
+DATASET_FORMAT_VERSION = 2  # 2 added eval_shards: the held-out split preparation makes
+DATASET_FORMAT_VERSIONS = (1, 2)
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 FORMAT_HINT = "see README, Data format"
 SCAN_CHUNK_BYTES = 8 * 1024 * 1024
@@ -399,12 +400,13 @@ class DatasetManifest:
     """dataset.json: written by preparation beside the shards (last, so its presence means a complete set), read by
     training for token counts without touching the shards, for the vocabulary and for the tokenizer file."""
 
-    shards: tuple[ShardInfo, ...]
+    shards: tuple[ShardInfo, ...]  # training shards
     vocab_size: int | None = None
     eos_token_id: int | None = None
     tokenizer_file: str | None = None
     tokenizer_sha256: str | None = None
     details: dict = field(default_factory=dict)  # dtype, seq_len_hint, sources, totals, packing_efficiency, seed
+    eval_shards: tuple[ShardInfo, ...] = ()  # held-out documents, never in a training shard (format 2)
 
     def to_json(self) -> dict:
         tokenizer = {"file": self.tokenizer_file, "sha256": self.tokenizer_sha256} if self.tokenizer_file else None
@@ -412,6 +414,7 @@ class DatasetManifest:
                   "eos_token_id": self.eos_token_id}
         values.update({key: self.details[key] for key in ("dtype", "seq_len_hint") if key in self.details})
         values["shards"] = [s.to_dict() for s in self.shards]
+        values["eval_shards"] = [s.to_dict() for s in self.eval_shards]
         values.update({key: value for key, value in self.details.items() if key not in values})
         return values
 
@@ -421,9 +424,9 @@ class DatasetManifest:
         return path
 
     def counts_for(self, sizes: dict[str, int]) -> dict[str, ShardInfo]:
-        """The listed shards that still have the size listed (by path); a shard rewritten since falls back to its
-        header."""
-        return {s.path: s for s in self.shards if sizes.get(s.path) == s.size_bytes}
+        """The listed shards (eval shards too) that still have the size listed (by path); a shard rewritten since
+        falls back to its header."""
+        return {s.path: s for s in self.shards + self.eval_shards if sizes.get(s.path) == s.size_bytes}
 
     def check_vocab(self, name: str, vocab_size: int) -> None:
         if self.vocab_size is not None and self.vocab_size > vocab_size:
@@ -443,6 +446,7 @@ def read_dataset_json(path: Path, name: str | None = None) -> DatasetManifest | 
         values = json.loads(path.read_text())
         version = values["format_version"]
         shards = tuple(ShardInfo.from_dict(entry) for entry in values["shards"])
+        eval_shards = tuple(ShardInfo.from_dict(entry) for entry in values.get("eval_shards") or ())
         tokenizer = values.get("tokenizer") or {}
         vocab = values.get("vocab_size")
         eos = values.get("eos_token_id")
@@ -451,18 +455,20 @@ def read_dataset_json(path: Path, name: str | None = None) -> DatasetManifest | 
             tokenizer_file=str(tokenizer["file"]) if tokenizer.get("file") else None,
             tokenizer_sha256=tokenizer.get("sha256"),
             details={k: v for k, v in values.items() if k not in _MANIFEST_KEYS},
+            eval_shards=eval_shards,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(
             f"{name}: not a readable dataset manifest ({type(error).__name__}: {error}); re-create it with "
             f"`python -m pretrain.prepare_data` or delete it (token counts then come from the shard headers)"
         ) from None
-    if version != DATASET_FORMAT_VERSION:
+    if version not in DATASET_FORMAT_VERSIONS:
+        readable = " and ".join(map(str, DATASET_FORMAT_VERSIONS))
         raise ValueError(
-            f"{name}: format_version {version} is unknown (this code reads {DATASET_FORMAT_VERSION}); "
+            f"{name}: format_version {version} is unknown (this code reads {readable}); "
             f"re-create it with this version's `python -m pretrain.prepare_data`"
         )
     return manifest
 
 
-_MANIFEST_KEYS = ("format_version", "tokenizer", "vocab_size", "eos_token_id", "shards")
+_MANIFEST_KEYS = ("format_version", "tokenizer", "vocab_size", "eos_token_id", "shards", "eval_shards")

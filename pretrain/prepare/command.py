@@ -46,7 +46,7 @@ from pretrain.prepare.readers import (
     read_unit,
     suffixes,
 )
-from pretrain.prepare.shuffle import assemble, shard_name
+from pretrain.prepare.shuffle import assemble, eval_shard_name, shard_name
 from pretrain.prepare.tokenizer import (
     LoadedTokenizer,
     TokenizerError,
@@ -70,6 +70,13 @@ DEFAULT_SHARD_TOKENS = 1 << 26
 DEFAULT_BUCKET_TOKENS = 1 << 25
 DEFAULT_SAMPLE_BYTES = 1 << 28
 UINT16_VOCAB_LIMIT = 1 << 16
+# --eval-split auto: 1% of the tokens, at least enough for the test config's evaluation (4 micro-batches of 8 x 128
+# tokens, four times over) and at most what many evaluations need (production reads 8 x 4 x 2 x 1024 tokens per
+# evaluation), and never more than a tenth of a small corpus: a 100k-token corpus holds out 10k tokens.
+EVAL_AUTO_FRACTION = 0.01
+EVAL_AUTO_MIN_TOKENS = 16_384
+EVAL_AUTO_MAX_TOKENS = 4 * 1024 * 1024
+EVAL_AUTO_MAX_FRACTION = 0.1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-field", default="text", help="JSON field or parquet column holding the text")
     parser.add_argument("--separator", help="split .txt files into documents at this string (default: one per file)")
     parser.add_argument("--seq-len-hint", type=int, help="training seq_len; recorded and used for packing_efficiency")
+    parser.add_argument("--eval-split", default="auto",
+                        help="documents held out as eval shards (whole, chosen by the seeded shuffle): a fraction of "
+                             "the tokens such as 0.01, a token count such as 100000, 0 for none, or auto: 1%% of the "
+                             f"tokens, at least {EVAL_AUTO_MIN_TOKENS:,} and at most {EVAL_AUTO_MAX_TOKENS:,}, never "
+                             "more than a tenth")
     parser.add_argument("--bucket-tokens", type=int, default=DEFAULT_BUCKET_TOKENS,
                         help="shuffle buffer: peak memory of the shuffle is about 3x this many tokens")
     parser.add_argument("--work-dir", type=Path, help="resumable work folder (default: OUT/.prepare-work, or a "
@@ -118,6 +130,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InputError("--train-tokenizer needs --vocab-size N (for example --vocab-size 32000)")
     if args.tokenizer is not None and args.vocab_size is not None:
         raise InputError("--vocab-size applies to --train-tokenizer only; the vocabulary of --tokenizer is fixed")
+    parse_eval_split(args.eval_split)
     if args.separator == "":
         raise InputError("--separator '': expected a non-empty string such as '\\n\\n' or '<|endoftext|>'")
     if args.max_vocab_size is not None and args.vocab_size is not None and args.vocab_size > args.max_vocab_size:
@@ -137,12 +150,14 @@ def _recorded_arguments(args: argparse.Namespace, planned: list[PlannedInput], t
         "text_field": args.text_field,
         "separator": args.separator,
         "seq_len_hint": args.seq_len_hint,
+        "eval_split": args.eval_split,
     }
 
 
 def _describe_difference(old: dict, new: dict) -> str:
     flags = {"shard_tokens": "--shard-tokens", "seed": "--seed", "text_field": "--text-field",
-             "separator": "--separator", "seq_len_hint": "--seq-len-hint", "max_vocab_size": "--max-vocab-size"}
+             "separator": "--separator", "seq_len_hint": "--seq-len-hint", "max_vocab_size": "--max-vocab-size",
+             "eval_split": "--eval-split"}
     for key in new:
         if old.get(key) != new[key]:
             if key == "inputs":
@@ -263,21 +278,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"tokenized {documents:,} documents, {stream_tokens:,} tokens with EOS, in "
           f"{time.monotonic() - began:.1f} s", file=sys.stderr)
 
-    num_shards = assemble(work, stage, part_stems(work, units), stream_tokens, args.shard_tokens,
-                          args.bucket_tokens, loaded.eos_token_id, dtype)
-    shards = []
-    for index in range(num_shards):
-        path = stage / shard_name(index)
-        shards.append(ShardInfo(path=path.name, num_tokens=read_array_header(path).num_tokens,
-                                size_bytes=path.stat().st_size))
+    eval_tokens = eval_split_tokens(args.eval_split, stream_tokens, documents)
+    num_shards, num_eval, eval_documents = assemble(work, stage, part_stems(work, units), stream_tokens,
+                                                    args.shard_tokens, args.bucket_tokens, loaded.eos_token_id,
+                                                    dtype, eval_tokens)
+    shards = [_shard_info(stage / shard_name(index)) for index in range(num_shards)]
+    eval_shards = [_shard_info(stage / eval_shard_name(index)) for index in range(num_eval)]
     write_atomically(stage / TOKENIZER_JSON, (work / TOKENIZER_JSON).read_bytes())
     if args.seq_len_hint:
-        usable = sum(s.num_tokens // args.seq_len_hint * args.seq_len_hint for s in shards)
+        usable = sum(s.num_tokens // args.seq_len_hint * args.seq_len_hint for s in shards + eval_shards)
         efficiency = usable / stream_tokens
     else:
         efficiency = 1.0  # documents are packed back to back: no padding, nothing dropped
+    held_tokens = sum(s.num_tokens for s in eval_shards)
     DatasetManifest(
-        shards=tuple(shards), vocab_size=loaded.vocab_size, eos_token_id=loaded.eos_token_id,
+        shards=tuple(shards), eval_shards=tuple(eval_shards), vocab_size=loaded.vocab_size,
+        eos_token_id=loaded.eos_token_id,
         tokenizer_file=TOKENIZER_JSON, tokenizer_sha256=file_digest(stage / TOKENIZER_JSON),
         details={
             "dtype": dtype.name,
@@ -285,17 +301,55 @@ def run(args: argparse.Namespace) -> int:
             "sources": [{"url": s.url, "size_bytes": s.size, "documents": d, "tokens": t}
                         for s, (d, t) in zip(sources, per_source)],
             "totals": {"documents": documents, "tokens": stream_tokens},
+            "eval_split": {"requested": args.eval_split, "documents": eval_documents, "tokens": held_tokens},
             "packing_efficiency": round(efficiency, 6),
             "seed": args.seed,
         },
     ).write(stage)
     if out_storage is not None:
-        _upload(out_storage, stage, [s.path for s in shards], work / "uploaded")
+        _upload(out_storage, stage, [s.path for s in shards + eval_shards], work / "uploaded")
     write_atomically(work / "done", b"")
     _remove_bulky(work)
-    print(f"wrote {len(shards)} shards, {stream_tokens:,} tokens ({dtype.name}) and {DATASET_JSON} to {args.out}",
-          file=sys.stderr)
+    held = (f", {len(eval_shards)} eval shard(s) of {eval_documents:,} held-out documents ({held_tokens:,} tokens)"
+            if eval_shards else ", no eval split")
+    print(f"wrote {len(shards)} shards, {stream_tokens - held_tokens:,} training tokens ({dtype.name}){held} and "
+          f"{DATASET_JSON} to {args.out}", file=sys.stderr)
     return 0
+
+
+def _shard_info(path: Path) -> ShardInfo:
+    return ShardInfo(path=path.name, num_tokens=read_array_header(path).num_tokens, size_bytes=path.stat().st_size)
+
+
+def parse_eval_split(value: str) -> float | int | None:
+    """None for auto; a float in (0, 1) for a fraction of the tokens; an int for a token count (0: no split)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if number < 0 or number != number or (number >= 1 and number != int(number)):
+        raise InputError(f"--eval-split {value}: expected auto, a fraction of the tokens such as 0.01, a token count "
+                         f"such as 100000, or 0 for no eval split")
+    return number if 0 < number < 1 else int(number)
+
+
+def eval_split_tokens(value: str, stream_tokens: int, documents: int) -> int:
+    """How many tokens (at least, in whole documents) the eval split holds for --eval-split `value`."""
+    requested = parse_eval_split(value)
+    if requested is None:
+        if documents < 2:
+            print("one document only: no eval split (training holds out --eval-shards instead)", file=sys.stderr)
+            return 0
+        wanted = min(max(round(EVAL_AUTO_FRACTION * stream_tokens), EVAL_AUTO_MIN_TOKENS), EVAL_AUTO_MAX_TOKENS)
+        return max(1, min(wanted, int(EVAL_AUTO_MAX_FRACTION * stream_tokens)))
+    tokens = round(requested * stream_tokens) if isinstance(requested, float) else requested
+    if tokens and (tokens >= stream_tokens or documents < 2):
+        raise InputError(f"--eval-split {value}: the corpus has {stream_tokens:,} tokens in {documents:,} documents, "
+                         f"so holding out {tokens:,} tokens of whole documents leaves no training text; hold out less")
+    return max(tokens, 1) if requested else 0
 
 
 def _remove_bulky(work: Path) -> None:

@@ -16,7 +16,7 @@ from pretrain.storage.local import LocalStorage
 log = logging.getLogger(__name__)
 
 TEXT_BYTES = 2 * 1024 * 1024
-SHARDS = 8  # enough for one held-out shard and a 16-shard mixing window that still fits in the first step
+SHARDS = 8  # about 8 training shards (the eval split is held out of them) and a short last one
 
 
 def ensure_demo_corpus(kind: str, data_dir: Path, vocab_size: int, seed: int) -> None:
