@@ -174,7 +174,8 @@ class Check:
             outcome = train_step(model, optimizer, accelerator, stream, self.accumulation, config.max_grad_norm, 1e-4)
             consecutive, skipped = count_skipped(consecutive, skipped, outcome.skipped)
             metrics.end_step(number, outcome.loss_sum, self.accumulation, accelerator)
-            agreement.exchange(False, False, False, consecutive)
+            agreement.exchange(number, False, False, False, consecutive, outcome.loss_sum / self.accumulation,
+                               outcome.grad_norm, outcome.spike_skipped)
             return outcome
 
         started = time.monotonic()
