@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import accelerate
@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
+    InitProcessGroupKwargs,
     broadcast_object_list,
     set_seed,
 )
@@ -58,6 +59,15 @@ from pretrain.optim import build_optimizer, lr_at, set_lr, stable_steps
 from pretrain.plan import RunPlan, effective_mixed_precision
 from pretrain.preemption import Preempted, PreemptionFlag
 from pretrain.prepare.demo_corpus import ensure_demo_corpus
+from pretrain.progress import (
+    COLLECTIVE,
+    EVALUATION,
+    EXPORT,
+    SAVE,
+    START_UP,
+    progress,
+)
+from pretrain.watchdog import StallLimits, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +94,16 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         torch.backends.cudnn.allow_tf32 = True
     # cpu=True matters: without it a CPU-only multi-process launch gives independent runs with no all-reduce.
     # gradient_as_bucket_view: DDP's gradients are views into its all-reduce buckets instead of a second fp32 copy
-    # (5.3 GiB per GPU for the production model; see the memory plan).
+    # (5.3 GiB per GPU for the production model; see the memory plan). The process group's timeout is above every
+    # allowance of the stall watchdog, so a stall ends with the watchdog's line rather than a collective's error.
+    group_timeout = timedelta(seconds=StallLimits.from_config(config).process_group_seconds())
     return Accelerator(
         cpu=not cuda,
         mixed_precision=effective_mixed_precision(config, cuda),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                         InitProcessGroupKwargs(timeout=group_timeout)],
     )
 
 
@@ -144,12 +157,15 @@ class Trainer:
     def __init__(self, config: TrainingConfig, preemption: PreemptionFlag) -> None:
         self.config = config
         self.preemption = preemption
-        self.accelerator = make_accelerator(config)
+        self.watchdog = Watchdog.for_run(config, preemption).start()  # before joining the others: that can stall too
+        with progress.phase(START_UP, "joining the other processes"):
+            self.accelerator = make_accelerator(config)
         self.is_main = self.accelerator.is_main_process
         self.cleanup = contextlib.ExitStack()
 
     def run(self) -> None:
         with self.cleanup:
+            self.cleanup.callback(self.watchdog.stop)  # the last to go: it watches the clean-up's waits too
             self.cleanup.callback(self.accelerator.end_training)  # also after a failed set-up: no stray process group
             try:
                 self.set_up()
@@ -162,6 +178,9 @@ class Trainer:
                     "--dry-run); lower --per-device-train-batch-size and raise --gradient-accumulation-steps to keep "
                     "the global batch, or pass --gradient-checkpointing true, or launch with --strategy fsdp"
                 ) from None
+            except BaseException:
+                self.watchdog.end_if_stalled()  # an error a stall caused (its peer gone) ends with the stall's line
+                raise
 
     def set_up(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -214,6 +233,8 @@ class Trainer:
         self.evaluator = Evaluator(config, accelerator, self.data.eval)
         self.metrics = self.cleanup.enter_context(self._make_metrics())
         self.checkpointer.sync_logs_from(self.metrics.run_dir)
+        self.watchdog.keep_stacks_in(self.metrics.run_dir,
+                                     self.checkpointer.copy_log_file if self.checkpointer.remote else None)
         self.agreement = Agreement(accelerator.device, accelerator.num_processes)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=accelerator.device)
@@ -222,11 +243,11 @@ class Trainer:
 
     def train(self) -> None:
         config, state, model = self.config, self.state, self.model
-        batches = iter(make_train_loader(
+        batches = progress.watch(iter(make_train_loader(
             self.data.train, state.samples_consumed, config.per_device_train_batch_size,
             self.accelerator.process_index, self.accelerator.num_processes, config.dataloader_num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
-        ))
+        )))
         model.train()
         if self.branch_start:
             # The branch's own first checkpoint, so it resumes without the main run's (which that run may prune).
@@ -244,16 +265,21 @@ class Trainer:
             self._count_skipped(result)
             self._log_step(result)
             self._maybe_evaluate()
-            signals = self._agree(result)
-            self.checkpointer.step_done(state, model, self.optimizer, signals)
-        self.checkpointer.save(state, model, self.optimizer, "final")
-        self.checkpointer.wait_written()  # a failed final write ends the run here, before the export writes anything
+            with progress.phase(COLLECTIVE):
+                signals = self._agree(result)
+            with progress.phase(SAVE):
+                self.checkpointer.step_done(state, model, self.optimizer, signals)
+            progress.step_done(state.step)
+        with progress.phase(SAVE, "the final checkpoint"):
+            self.checkpointer.save(state, model, self.optimizer, "final")
+            self.checkpointer.wait_written()  # a failed final write ends the run here, before the export writes
         if config.export_final_model:
-            final = export_model(self.accelerator, model, Path(config.output_dir), self.data.tokenizer_dir)
-            self.metrics.console(f"exported the final model to {final}")
-            if self.is_main and self.data.tokenizer_dir is not None and config.final_samples:
-                for line in sample_lines(final, config.final_samples):
-                    self.metrics.console(f"sample: {line}")
+            with progress.phase(EXPORT):
+                final = export_model(self.accelerator, model, Path(config.output_dir), self.data.tokenizer_dir)
+                self.metrics.console(f"exported the final model to {final}")
+                if self.is_main and self.data.tokenizer_dir is not None and config.final_samples:
+                    for line in sample_lines(final, config.final_samples):
+                        self.metrics.console(f"sample: {line}")
         self.checkpointer.finish(state)
 
     def _agree(self, result: StepResult):
@@ -293,7 +319,8 @@ class Trainer:
     def _maybe_evaluate(self) -> None:
         if not self.evaluator.due(self.state.step):
             return
-        loss = self.evaluator.evaluate(self.model)
+        with progress.phase(EVALUATION):
+            loss = self.evaluator.evaluate(self.model)
         self.state.best_eval_loss = min(self.state.best_eval_loss, loss)
         self.metrics.publish(self.state.step, eval_values(loss))
         self.metrics.start_window(self.state.step)

@@ -142,6 +142,27 @@ def survivors(marker: str) -> list[str]:
     return found
 
 
+def rank_pids(marker: str) -> dict[int, int]:
+    """rank -> pid of the training processes (train.py) of the run whose folder is `marker`, from their environment."""
+    found = {}
+    for line in survivors(marker):
+        pid, command = line.split(": ", 1)
+        if "train.py" in command and "accelerate" not in command:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # exited while we looked
+            ranks = [int(entry[5:]) for entry in environ if entry.startswith(b"RANK=")]
+            found[ranks[0] if ranks else 0] = int(pid)
+    return found
+
+
+def launch_folder_of(pid: int) -> Path:
+    """The launch folder (PRETRAIN_LAUNCH_DIR) of a training process: where its progress and pid files are."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(entry for entry in environ if entry.startswith(b"PRETRAIN_LAUNCH_DIR=")).split(b"=", 1)[1].decode())
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""

@@ -11,16 +11,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LEAVES = {"pretrain.files", "pretrain.errors", "pretrain.protocol"}
+LEAVES = {"pretrain.files", "pretrain.errors", "pretrain.protocol", "pretrain.progress"}
 # room -> what it may import besides itself and the leaves
 ALLOWED = {
     "pretrain.files": set(),
     "pretrain.errors": set(),
     "pretrain.protocol": set(),
+    "pretrain.progress": set(),
     "pretrain.storage": set(),
     "pretrain.distributed": set(),
     "pretrain.preemption": set(),
     "pretrain.agreement": set(),
+    # the stall watchdog reads the preemption flag: a signal's grace period bounds a stalled run's end
+    "pretrain.watchdog": {"pretrain.preemption"},
     "pretrain.data": {"pretrain.storage", "pretrain.distributed"},
     "pretrain.prepare": {"pretrain.data.format", "pretrain.data.synthetic", "pretrain.storage"},
     "pretrain.checkpoint": {"pretrain.storage", "pretrain.distributed", "pretrain.preemption", "pretrain.agreement"},
@@ -34,7 +37,8 @@ ALLOWED = {
     "pretrain.optim": set(),
     "pretrain.metrics": set(),
     "pretrain.evaluation": {"pretrain.data"},
-    "pretrain.launch": {"pretrain.cli", "pretrain.memory", "pretrain.plan", "pretrain.model"},
+    # the launcher ends a stall its ranks cannot (one stopped) by the watchdog's rules and words
+    "pretrain.launch": {"pretrain.cli", "pretrain.memory", "pretrain.plan", "pretrain.model", "pretrain.watchdog"},
 }
 NOBODY_IMPORTS = ("train", "pretrain.launch")  # the entry points
 

@@ -20,6 +20,7 @@ from pretrain.checkpoint.format import (
     step_of,
     verify_checkpoint,
 )
+from pretrain.progress import UPLOAD, progress
 from pretrain.storage import Storage, StorageError
 from pretrain.storage.local import LocalStorage
 
@@ -102,6 +103,7 @@ def upload_checkpoint(folder: Path, remote: CheckpointStore, attempts: int = 3, 
         for attempt in range(1, attempts + 1):
             try:
                 remote.storage.upload(folder / relative, key)
+                progress.advanced(UPLOAD)  # heard by the stall watchdog while the run waits for this upload
                 break
             except Exception as error:  # noqa: BLE001 - any transfer failure gets the same bounded retry
                 if attempt == attempts:
