@@ -157,15 +157,19 @@ class Trainer:
     def __init__(self, config: TrainingConfig, preemption: PreemptionFlag) -> None:
         self.config = config
         self.preemption = preemption
-        self.watchdog = Watchdog.for_run(config, preemption).start()  # before joining the others: that can stall too
-        with progress.phase(START_UP, "joining the other processes"):
-            self.accelerator = make_accelerator(config)
-        self.is_main = self.accelerator.is_main_process
         self.cleanup = contextlib.ExitStack()
+        # Before joining the others, which can stall too; stopped last, after the clean-up's own waits.
+        self.watchdog = self.cleanup.enter_context(Watchdog.for_run(config, preemption))
+        try:
+            with progress.phase(START_UP, "joining the other processes"):
+                self.accelerator = make_accelerator(config)
+        except BaseException:
+            self.cleanup.close()
+            raise
+        self.is_main = self.accelerator.is_main_process
 
     def run(self) -> None:
         with self.cleanup:
-            self.cleanup.callback(self.watchdog.stop)  # the last to go: it watches the clean-up's waits too
             self.cleanup.callback(self.accelerator.end_training)  # also after a failed set-up: no stray process group
             try:
                 self.set_up()

@@ -40,11 +40,16 @@ class Progress:
         self._clock = clock
         self._lock = threading.Lock()
         self._stack: list[tuple[str, str]] = []
-        self._step = 0
-        self._steps_done = 0
-        self._moved_at = clock()
-        self._step_ended_at: float | None = None
-        self._step_seconds: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.restart()
+
+    def restart(self) -> None:
+        """Progress of a run that starts now; the phases entered stay (there are none at the start of a run)."""
+        with self._lock:
+            self._step = 0
+            self._steps_done = 0
+            self._moved_at = self._clock()
+            self._step_ended_at: float | None = None
+            self._step_seconds: deque[float] = deque(maxlen=RECENT_STEPS)
 
     @contextmanager
     def phase(self, name: str, detail: str = "") -> Iterator[None]:

@@ -160,10 +160,17 @@ class Watchdog:
         # A process whose Python cannot run (stopped, its GIL held) still writes its stacks on SIGUSR1: the launcher
         # asks for them before it kills one (pretrain.launch.supervisor).
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+        self.progress.restart()  # a run that starts now (tests run several in one process)
         self.tick()
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
         self._thread.start()
         return self
+
+    def __enter__(self) -> Watchdog:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
     def keep_stacks_in(self, folder: Path, copy: Callable[[Path], None] | None = None) -> None:
         """Where a stall's stacks go besides the log: a file in the run's log folder, and `copy` takes it to the

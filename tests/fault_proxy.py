@@ -173,3 +173,32 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class BlackHole:
+    """A loopback port that accepts every connection and never sends a byte: a bucket endpoint gone silent."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self._server.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.accepted: list[socket.socket] = []  # held open, unanswered
+        self._thread = threading.Thread(target=self._accept, name="black-hole", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return  # closed by stop()
+            self.accepted.append(connection)
+
+    def stop(self) -> None:
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress
+        except OSError:
+            pass
+        self._server.close()
+        for connection in self.accepted:
+            connection.close()

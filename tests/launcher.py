@@ -78,12 +78,12 @@ class Watched:
     (where the `running:` line goes) into the same lines.
     """
 
-    def __init__(self, command: list[str], with_stdout: bool = False) -> None:
+    def __init__(self, command: list[str], with_stdout: bool = False, env: dict[str, str] | None = None) -> None:
         if with_stdout:
             streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         else:
             streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-        self.process = subprocess.Popen(command, cwd=REPO, text=True, start_new_session=True, **streams)
+        self.process = subprocess.Popen(command, cwd=REPO, text=True, start_new_session=True, env=env, **streams)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
