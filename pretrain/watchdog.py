@@ -178,11 +178,16 @@ class Watchdog:
         self._stacks_dir, self._copy_stacks = folder, copy
 
     def stop(self) -> None:
-        """After the run's last wait; one already ending for a stall holds this caller until it exits."""
+        """After the run's last wait; one already ending for a stall holds this caller until it exits. What it
+        published goes too: the launcher must not take a process on its way out for a stopped one."""
         with self._ending:
             self._stop.set()
         if self._backstop:
             faulthandler.cancel_dump_traceback_later()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)  # a look in progress must not publish again after this
+        if self.folder is not None:
+            (self.folder / progress_file(self.rank)).unlink(missing_ok=True)
 
     def end_if_stalled(self) -> None:
         """On the main thread, after an error: if the run is ending for a stall, that error is its consequence (a

@@ -173,6 +173,16 @@ def test_a_process_without_progress_ends_at_its_deadline_naming_its_phase(tmp_pa
     assert copied == [stacks] and "most recent call first" in stacks.read_text()
 
 
+def test_a_run_that_ended_leaves_nothing_published(tmp_path):
+    """The launcher must not take a process on its way out (its watchdog stopped, its beat old) for a stopped one."""
+    clock = Clock()
+    dog = watchdog(tmp_path, clock, Progress(clock))
+    dog.tick()
+    assert (tmp_path / progress_file(0)).exists()
+    dog.stop()
+    assert not (tmp_path / progress_file(0)).exists()
+
+
 def test_a_stopped_rank_is_named_before_the_rank_that_waits_for_it(tmp_path, stopped_process):
     clock = Clock()
     reported = Progress(clock)

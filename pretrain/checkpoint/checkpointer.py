@@ -346,7 +346,9 @@ class Checkpointer:
         if self.writer is None:
             return
         waited = time.monotonic()
-        if not self.writer.wait_idle(self.config.upload_timeout_seconds):
+        with progress.phase(SAVE, f"waiting for the checkpoint write to {self.output_dir}"):  # each file is progress
+            idle = self.writer.wait_idle(self.config.upload_timeout_seconds)
+        if not idle:
             raise CheckpointWriteError(
                 f"the previous checkpoint write to {self.output_dir} did not finish in "
                 f"{self.config.upload_timeout_seconds:.0f} s (--upload-timeout-seconds); is the disk stuck?"
