@@ -160,7 +160,8 @@ def rank_pids(marker: str) -> dict[int, int]:
 def launch_folder_of(pid: int) -> Path:
     """The launch folder (PRETRAIN_LAUNCH_DIR) of a training process: where its progress and pid files are."""
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return Path(next(entry for entry in environ if entry.startswith(b"PRETRAIN_LAUNCH_DIR=")).split(b"=", 1)[1].decode())
+    marker = next(entry for entry in environ if entry.startswith(b"PRETRAIN_LAUNCH_DIR="))
+    return Path(marker.split(b"=", 1)[1].decode())
 
 
 def last_line(text: str) -> str:

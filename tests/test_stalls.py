@@ -44,7 +44,8 @@ STALL = ["--stall-timeout-minutes", str(STALL_SECONDS / 60)]
 # From the stall to the launcher's exit beyond the timeout: the watchdog's half-second look, the launcher's look
 # (a second), the stacks, accelerate and torchrun noticing the exit, the launcher's clean-up; on 2 shared cores.
 MARGIN_SECONDS = 20.0
-COMMON = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2", "--lr-decay-steps", "40", "--save-steps", "2"]
+COMMON = ["--logging-steps", "1", "--eval-steps", "0", "--warmup-steps", "2", "--lr-decay-steps", "40",
+          "--save-steps", "2"]
 TWO_PROCESSES = ["--cpu-processes", "2", "--per-device-train-batch-size", "4"]
 END = 10  # the resumed runs end here, as the straight runs they are compared with
 NOISE = ("Traceback", "CalledProcessError", "ChildFailedError", "closing signal", "before it could report")
@@ -64,7 +65,8 @@ def own_processes(tmp_path):
 @pytest.fixture(scope="module")
 def straight_two(tmp_path_factory, sample_data) -> Path:
     workdir = tmp_path_factory.mktemp("straight-two") / "run"
-    check(launch(workdir, sample_data, *TWO_PROCESSES, "--main-port", str(free_port()), "--max-steps", str(END), *COMMON))
+    check(launch(workdir, sample_data, *TWO_PROCESSES, "--main-port", str(free_port()), "--max-steps", str(END),
+                 *COMMON))
     return workdir
 
 
@@ -169,7 +171,8 @@ def test_a_bucket_that_stops_answering_ends_the_run_with_76_naming_the_upload(tm
 
 def test_a_bucket_that_never_answers_its_write_check_ends_a_one_process_run_with_76(tmp_path, sample_data,
                                                                                   own_processes):
-    """Before step 1: without the watchdog the write check's two attempts wait out the SDK's read timeout (4 min)."""
+    """Before step 1: without the watchdog the write check's two attempts would each wait out the SDK's 120 s read
+    timeout."""
     workdir, hole = tmp_path / "run", BlackHole()
     env = {**{k: v for k, v in os.environ.items() if k not in STORAGE_ENV_VARS}, **HERMETIC_ENV,
            **emulators.s3_env(hole.endpoint)}
@@ -187,7 +190,7 @@ def test_a_bucket_that_never_answers_its_write_check_ends_a_one_process_run_with
     assert re.search(r"error: the run stalled: rank 0 made no progress for \d+ s in upload \(write check of "
                      r"s3://never-answers/run\) at step 0", line), line
     assert "Python stacks of rank 0" in result.stderr and "Traceback" not in result.stderr
-    assert took < STALL_SECONDS + 90, took  # start-up included; the SDK alone would take 240 s
+    assert took < STALL_SECONDS + 90, took  # start-up included; the SDK alone would take 240 s and more
     assert survivors(str(workdir)) == []
 
 
