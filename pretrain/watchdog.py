@@ -234,8 +234,7 @@ class Watchdog:
         sys.stdout.flush()
         sys.stderr.flush()
         self._exit(verdict.code)
-        self._ending.release()  # only where `exit` is a stand-in that returns (tests)
-        raise SystemExit(verdict.code)
+        self._ending.release()  # reached only where `exit` is a stand-in that returns (tests)
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_SECONDS):
@@ -246,6 +245,7 @@ class Watchdog:
                 continue
             if verdict is not None:
                 self.end(verdict, unless_stopped=True)
+                return
 
     def _arm_backstop(self, deadline: float, now: float) -> None:
         """faulthandler's own thread (it needs no GIL) ends this process BACKSTOP_SECONDS past the deadline if this

@@ -9,12 +9,15 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from pretrain.cli import parse_config
+from pretrain.data.fetch import FetchFailed, ReadyGate
+from pretrain.files import write_atomically
 from pretrain.preemption import PreemptionFlag
 from pretrain.progress import COLLECTIVE, DATA, SAVE, START_UP, STEP, UPLOAD, Progress
 from pretrain.protocol import (
@@ -209,6 +212,38 @@ def test_local_work_is_named_before_a_step_and_a_collective(tmp_path):
         verdict = dog.tick()
     assert verdict.phase == SAVE and "rank 2 made no progress" in verdict.line, verdict.line
     assert "rank 1 waited in step, rank 0 waited in collective" in verdict.line, verdict.line
+
+
+def test_a_reader_waiting_for_a_shard_that_never_comes_is_a_stall_in_data(tmp_path):
+    """The real thread, while another thread waits in the data room's gate for a fetch that hangs (the fetcher beats,
+    so the gate alone would wait an hour)."""
+    gate = ReadyGate(tmp_path / "data", "run1", vocab_size=512)
+    gate.checked_dir.mkdir(parents=True)
+    gate.status_path("alive").touch()
+    reported, ended, outcome = Progress(), [], []
+
+    def exit_stand_in(code: int) -> None:
+        ended.append(code)
+        write_atomically(gate.status_path("error"), "released by the test\n")  # lets the reader go
+
+    (tmp_path / "launch").mkdir()
+    dog = Watchdog(StallLimits(1.0, 600.0, 25.0), PreemptionFlag(), rank=0, world_size=1, reported=reported,
+                   folder=tmp_path / "launch", exit=exit_stand_in, backstop=False).start()
+    reported.step_done(1)
+
+    def read() -> None:
+        with reported.phase(DATA):
+            try:
+                gate.wait_ready("part-0/shard_000.npz")
+            except FetchFailed as error:
+                outcome.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(timeout=30)
+    dog.stop()
+    assert ended == [EXIT_RESTART] and outcome, (ended, outcome)
+    assert "rank 0 made no progress for 1 s in data at step 1" in recorded_json(STALL_FILE, tmp_path / "launch")["line"]
 
 
 def test_every_rank_ends_with_the_first_verdict_recorded(tmp_path, capfd):
