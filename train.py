@@ -4,7 +4,8 @@ Run through `./start_training.sh` (which calls `accelerate launch train.py ...`)
 Exit codes: 0 done, 1 anything unexpected, 2 bad input (config, data, checkpoint, bucket, a checkpoint that could not
 be written), 3 too many non-finite steps or loss-spike rollbacks, 4 the newest checkpoint is only on local disk
 (its upload failed), 75 stopped by a signal (after an emergency checkpoint once training started; rerun with
---resume auto).
+--resume auto), 76 a process stalled and the stall watchdog ended the run (pretrain/watchdog.py; run the same
+command again).
 """
 
 from __future__ import annotations

@@ -130,6 +130,10 @@ class TrainingConfig:
     keep_every_steps: int = 0  # retention also keeps every checkpoint whose step is a multiple of this; 0: off
     upload_timeout_seconds: float = 1800.0  # how long the end of training waits for pending uploads
     preemption_grace_seconds: float = 25.0  # budget for the emergency checkpoint and its upload on SIGTERM
+    # The stall watchdog (README, Stall watchdog): a process that makes no progress for this long ends the run on
+    # every rank with every process's Python stacks, one line naming the stalled rank and phase, and exit 76.
+    stall_timeout_minutes: float = 0.0  # a process without progress this long ends the run (exit 76); 0: automatic
+    startup_timeout_minutes: float = 30.0  # the same before the first step (checkpoint download, data, compile, peers)
     export_final_model: bool = True
     export_weights: str = "live"  # live | ema: the weights the final export writes (ema needs --ema-decay)
     final_samples: int = 3  # lines the exported model generates at the end (when the data has a tokenizer); 0: off

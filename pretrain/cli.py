@@ -128,12 +128,14 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         "max_files", "eval_steps", "eval_batches", "eval_shards", "warmup_steps", "lr_decay_steps",
         "dataloader_num_workers", "sync_logs_every_minutes", "storage_max_retries",
         "weight_decay", "max_grad_norm", "upload_timeout_seconds", "preemption_grace_seconds", "final_samples",
-        "z_loss_coefficient", "cooldown_steps",
+        "z_loss_coefficient", "cooldown_steps", "stall_timeout_minutes",
         "loss_spike_sigmas", "grad_spike_sigmas", "loss_spike_lr_steps", "early_stop_patience", "keep_every_steps",
     ]
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ValueError(f"{_flag(name)} must not be negative, got {getattr(config, name)}")
+    if config.startup_timeout_minutes <= 0:
+        raise ValueError(f"--startup-timeout-minutes must be positive, got {config.startup_timeout_minutes}")
     if config.learning_rate <= 0:
         raise ValueError(f"--learning-rate must be positive, got {config.learning_rate}")
     if config.lr_decay_steps and config.lr_decay_steps < config.max_steps:

@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from pretrain.progress import COLLECTIVE, progress
+
 T = TypeVar("T")
 
 
@@ -23,7 +25,8 @@ def on_main(accelerator: Accelerator, compute: Callable[[], T]) -> T:
         except Exception as error:  # noqa: BLE001 - re-raised below on every rank
             outcome = [("error", error)]
     if accelerator.num_processes > 1:
-        outcome = broadcast_object_list(outcome)
+        with progress.phase(COLLECTIVE):  # the other ranks wait here for rank 0's work
+            outcome = broadcast_object_list(outcome)
     kind, value = outcome[0]
     if kind == "error":
         raise value
@@ -46,7 +49,8 @@ def on_local_main(accelerator: Accelerator, compute: Callable[[], T]) -> T | Non
         errors = [error]
         from accelerate.utils import gather_object
 
-        gathered = gather_object(errors)
+        with progress.phase(COLLECTIVE):
+            gathered = gather_object(errors)
         error = next((e for e in gathered if e is not None), None)
     if error is not None:
         raise error

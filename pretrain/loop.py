@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import accelerate
@@ -27,6 +27,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
     FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
     broadcast_object_list,
     set_seed,
 )
@@ -71,7 +72,16 @@ from pretrain.optim import build_optimizer, lr_at, set_lr, stable_steps
 from pretrain.plan import RunPlan, effective_mixed_precision
 from pretrain.preemption import Preempted, PreemptionFlag
 from pretrain.prepare.demo_corpus import ensure_demo_corpus
+from pretrain.progress import (
+    COLLECTIVE,
+    EVALUATION,
+    EXPORT,
+    SAVE,
+    START_UP,
+    progress,
+)
 from pretrain.spikes import Limits, Spike, SpikeGuard, unskipped
+from pretrain.watchdog import StallLimits, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +137,9 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     # (5.3 GiB per GPU for the production model; see the memory plan and zero_gradients).
     # cache_enabled=False: autocast's cache would keep every layer's bf16 weight copy until the forward pass ends,
     # also under activation checkpointing (2.4 GiB for the production model); each weight is cast once per forward
-    # pass anyway, so the cache saves nothing and the values are the same.
+    # pass anyway, so the cache saves nothing and the values are the same. The process group's timeout is above
+    # every allowance of the stall watchdog, so a stall ends with the watchdog's line rather than a collective's error.
+    group_timeout = timedelta(seconds=StallLimits.from_config(config).process_group_seconds())
     return Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
@@ -135,7 +147,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         fsdp_plugin=fsdp_plugin_from_launch(precision),
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
-                         AutocastKwargs(cache_enabled=False)],
+                         AutocastKwargs(cache_enabled=False), InitProcessGroupKwargs(timeout=group_timeout)],
     )
 
 
@@ -299,9 +311,16 @@ class Trainer:
     def __init__(self, config: TrainingConfig, preemption: PreemptionFlag) -> None:
         self.config = config
         self.preemption = preemption
-        self.accelerator = make_accelerator(config)
-        self.is_main = self.accelerator.is_main_process
         self.cleanup = contextlib.ExitStack()
+        # Before joining the others, which can stall too; stopped last, after the clean-up's own waits.
+        self.watchdog = self.cleanup.enter_context(Watchdog.for_run(config, preemption))
+        try:
+            with progress.phase(START_UP, "joining the other processes"):
+                self.accelerator = make_accelerator(config)
+        except BaseException:
+            self.cleanup.close()
+            raise
+        self.is_main = self.accelerator.is_main_process
 
     def run(self) -> None:
         with self.cleanup:
@@ -317,6 +336,9 @@ class Trainer:
                     "--dry-run); lower --per-device-train-batch-size and raise --gradient-accumulation-steps to keep "
                     "the global batch, or pass --gradient-checkpointing true, or launch with --strategy fsdp"
                 ) from None
+            except BaseException:
+                self.watchdog.end_if_stalled()  # an error a stall caused (its peer gone) ends with the stall's line
+                raise
 
     def set_up(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -374,6 +396,8 @@ class Trainer:
         self.evaluator = Evaluator(config, accelerator, self.data.eval)
         self.metrics = self.cleanup.enter_context(self._make_metrics())
         self.checkpointer.sync_logs_from(self.metrics.run_dir)
+        self.watchdog.keep_stacks_in(self.metrics.run_dir,
+                                     self.checkpointer.copy_log_file if self.checkpointer.remote else None)
         self.agreement = Agreement(accelerator.device, accelerator.num_processes)
         self.spikes = SpikeGuard(config, self.state, self._log)
         self.checkpointer.before_save = self._settle
@@ -411,28 +435,33 @@ class Trainer:
             self._count_skipped(result)
             self._log_step(result)
             self._maybe_evaluate()
-            signals = self._agree(result)
+            with progress.phase(COLLECTIVE):
+                signals = self._agree(result)
             spike = self.spikes.take_rollback()
             if spike is not None:
                 self._roll_back(spike)
                 continue
             blocked = self.checkpointer.blocked_seconds
-            self.checkpointer.step_done(state, model, self.optimizer, signals)
+            with progress.phase(SAVE):
+                self.checkpointer.step_done(state, model, self.optimizer, signals)
             self.metrics.exclude(self.checkpointer.blocked_seconds - blocked)
+            progress.step_done(state.step)
             stop = self.evaluator.stop_reason(state)
         self._finish(stop)
 
     def _finish(self, stop: str | None) -> None:
         """The last checkpoint, the export (of the best checkpoint when stopping early), the wait for the uploads."""
         config, state = self.config, self.state
-        self.checkpointer.save_final(state, self.model, self.optimizer, "early stop" if stop else "final")
-        self.checkpointer.wait_written()  # a failed final write ends the run here, before the export writes anything
+        with progress.phase(SAVE, "the final checkpoint"):
+            self.checkpointer.save_final(state, self.model, self.optimizer, "early stop" if stop else "final")
+            self.checkpointer.wait_written()  # a failed final write ends the run here, before the export writes
         if config.export_final_model:
-            final = self._export(best=stop is not None)
-            self.metrics.console(f"exported the final model to {final}")
-            if self.is_main and self.data.tokenizer_dir is not None and config.final_samples:
-                for line in sample_lines(final, config.final_samples):
-                    self.metrics.console(f"sample: {line}")
+            with progress.phase(EXPORT):
+                final = self._export(best=stop is not None)
+                self.metrics.console(f"exported the final model to {final}")
+                if self.is_main and self.data.tokenizer_dir is not None and config.final_samples:
+                    for line in sample_lines(final, config.final_samples):
+                        self.metrics.console(f"sample: {line}")
         self.checkpointer.finish(state)
         if stop:
             self.metrics.console(stop)
@@ -507,12 +536,13 @@ class Trainer:
         return lr_at(step, self.config) * scale if scale != 1.0 else lr_at(step, self.config)
 
     def _reader_at(self, first_sample: int) -> Iterator[torch.Tensor]:
+        """Each next batch waited for in the data phase: a reader that never returns is a stall the watchdog names."""
         config = self.config
-        return iter(make_train_loader(
+        return progress.watch(iter(make_train_loader(
             self.data.train, first_sample, config.per_device_train_batch_size, self.accelerator.process_index,
             self.accelerator.num_processes, config.dataloader_num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
-        ))
+        )))
 
     def _reset_counters(self) -> None:
         device = self.accelerator.device
@@ -564,7 +594,8 @@ class Trainer:
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()  # the step's queued work stays training time; the evaluation waits for it anyway
         started = time.perf_counter()
-        loss = self.evaluator.evaluate(self.model)
+        with progress.phase(EVALUATION):
+            loss = self.evaluator.evaluate(self.model)
         self.evaluator.record(self.state, loss)
         self.metrics.publish(self.state.step, eval_values(loss, self.evaluator.per_source))
         self.metrics.exclude(time.perf_counter() - started)

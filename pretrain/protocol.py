@@ -6,11 +6,13 @@ it imports only pretrain.files, so each side can use it without pulling in the o
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
-from pretrain.files import write_atomically
+from pretrain.files import PARTIAL_SUFFIX, write_atomically
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1  # a bug, or a process killed by the system
@@ -28,6 +30,11 @@ LAUNCHED_ENV = "PRETRAIN_LAUNCHED_UNIX"
 _PROCESS_STARTED_UNIX = time.time()  # for a train.py started without the launcher: about when this process started
 EXIT_CODE_FILE = "exit_code"  # rank 0's exit code (accelerate launch masks it), one number and a newline
 LOCAL_RANKS_FILE = "local_ranks"  # how many training processes this machine starts
+# The stall watchdog (pretrain/watchdog.py): the launcher's child records the limits the launcher watches by, each rank
+# publishes its progress once a second, and the first process (a rank, or the launcher) to see a stall records the
+# verdict that every rank then ends with.
+LIMITS_FILE = "stall_limits"  # "START_UP_SECONDS GRACE_SECONDS"
+STALL_FILE = "stalled"  # JSON {"code": exit code, "line": the one line every process ends with}
 
 
 def pid_file(rank: int | str) -> str:
@@ -35,15 +42,20 @@ def pid_file(rank: int | str) -> str:
     return f"rank{rank}.pid"
 
 
+def progress_file(rank: int | str) -> str:
+    """JSON: rank, pid, phase, detail, step, moved_at, beat and deadline (time.monotonic(), one clock per machine)."""
+    return f"rank{rank}.progress"
+
+
 def launch_dir() -> Path | None:
     value = os.environ.get(LAUNCH_DIR_ENV)
     return Path(value) if value else None
 
 
-def record(name: str, value: str) -> None:
-    """One value and a newline in the launch folder, renamed into place so the launcher never reads half of it. A
-    launcher that is already gone (its folder removed) reads nothing, so nothing is written."""
-    folder = launch_dir()
+def record(name: str, value: str, folder: Path | None = None) -> None:
+    """One value and a newline in the launch folder (or `folder`), renamed into place so the launcher never reads half
+    of it. A launcher that is already gone (its folder removed) reads nothing, so nothing is written."""
+    folder = folder or launch_dir()
     if folder is None:
         return
     try:
@@ -77,3 +89,63 @@ def launched_unix() -> float:
         return float(os.environ[LAUNCHED_ENV])
     except (KeyError, ValueError):
         return _PROCESS_STARTED_UNIX
+
+
+def record_first(name: str, value: str, folder: Path | None = None) -> str | None:
+    """Records `value` under `name` unless a value is there already, and returns the one that is (this one or the
+    earlier): of processes that record at once, exactly one wins. None without a launch folder."""
+    folder = folder or launch_dir()
+    if folder is None:
+        return None
+    target = folder / name
+    if not target.exists():
+        try:
+            handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=PARTIAL_SUFFIX)
+        except FileNotFoundError:
+            return None  # the launcher is gone with its folder
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(f"{value}\n")
+            os.link(temp, target)  # unlike a rename, fails when the target exists: the first one stays
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp)
+    try:
+        return target.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def recorded_json(name: str, folder: Path | None = None) -> dict | None:
+    folder = folder or launch_dir()
+    try:
+        return json.loads((folder / name).read_text()) if folder else None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def recorded_progress(folder: Path | None = None) -> list[dict]:
+    """What every rank of this machine published last (pretrain.watchdog), in rank order."""
+    folder = folder or launch_dir()
+    if folder is None:
+        return []
+    found = (recorded_json(path.name, folder) for path in folder.glob(progress_file("*")))
+    return sorted((record for record in found if record is not None), key=lambda record: record["rank"])
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ('R' running, 'S' sleeping, 'T' stopped, 'Z' zombie, ...); '' if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def stall_words(record: dict, seconds: float, how: str = "") -> str:
+    """'rank 1 made no progress for 63 s in step at step 7 (its process is stopped)': the stalled rank and phase,
+    in the same words from the ranks' watchdog and the launcher."""
+    where = f"{record['phase']} ({record['detail']})" if record.get("detail") else record["phase"]
+    return (f"rank {record['rank']} made no progress for {seconds:.0f} s in {where} at step {record['step']}"
+            + (f" ({how})" if how else ""))

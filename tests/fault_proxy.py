@@ -1,5 +1,6 @@
 """A loopback HTTP proxy in front of an emulator that records requests and answers chosen ones with a 503 or a
-TCP reset, so the SDKs' own retry policies are exercised against real servers."""
+TCP reset, or never answers them (a bucket that accepts connections and goes silent), so the SDKs' own retry policies
+and the stall watchdog are exercised against real servers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from http import server as http_server
 
 SERVICE_UNAVAILABLE = "503"
 CONNECTION_RESET = "reset"
+NO_ANSWER = "hang"  # the request is read, then nothing is sent back until the proxy stops
 MAX_REQUESTS = 20_000  # a runaway retry loop ends here instead of running until the test times out
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "expect"}
 
@@ -57,6 +59,10 @@ class _Handler(http_server.BaseHTTPRequestHandler):
         body = self._read_body()
         ranged = "Range" in self.headers or "x-ms-range" in self.headers
         fault = self.server.proxy.decide(self.command, self.path, ranged)
+        if fault == NO_ANSWER:
+            self.server.proxy.stopping.wait()
+            self.close_connection = True
+            return
         if fault == CONNECTION_RESET:
             # SO_LINGER 0 turns close() into an RST: the client sees "connection reset by peer" mid-request.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -114,6 +120,7 @@ class FaultProxy:
         self.requests: list[SeenRequest] = []
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
+        self.stopping = threading.Event()  # releases the requests held unanswered
         self._server = _ProxyServer(self)
         self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -122,7 +129,7 @@ class FaultProxy:
 
     def inject(self, fault: str, *, method: str | None = None, path_regex: str = "", times: int = 1) -> None:
         """The next `times` requests with this method whose path+query matches path_regex get the fault."""
-        if fault not in (SERVICE_UNAVAILABLE, CONNECTION_RESET):
+        if fault not in (SERVICE_UNAVAILABLE, CONNECTION_RESET, NO_ANSWER):
             raise ValueError(f"unknown fault {fault!r}")
         with self._lock:
             self._rules.append(_Rule(fault, method, re.compile(path_regex), times))
@@ -162,6 +169,36 @@ class FaultProxy:
             return sum(rule.remaining for rule in self._rules)
 
     def stop(self) -> None:
+        self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class BlackHole:
+    """A loopback port that accepts every connection and never sends a byte: a bucket endpoint gone silent."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self._server.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.accepted: list[socket.socket] = []  # held open, unanswered
+        self._thread = threading.Thread(target=self._accept, name="black-hole", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return  # closed by stop()
+            self.accepted.append(connection)
+
+    def stop(self) -> None:
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress
+        except OSError:
+            pass
+        self._server.close()
+        for connection in self.accepted:
+            connection.close()

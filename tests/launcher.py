@@ -78,12 +78,12 @@ class Watched:
     (where the `running:` line goes) into the same lines.
     """
 
-    def __init__(self, command: list[str], with_stdout: bool = False) -> None:
+    def __init__(self, command: list[str], with_stdout: bool = False, env: dict[str, str] | None = None) -> None:
         if with_stdout:
             streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         else:
             streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-        self.process = subprocess.Popen(command, cwd=REPO, text=True, start_new_session=True, **streams)
+        self.process = subprocess.Popen(command, cwd=REPO, text=True, start_new_session=True, env=env, **streams)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -140,6 +140,28 @@ def survivors(marker: str) -> list[str]:
         if marker in command:
             found.append(f"{entry.name}: {command}")
     return found
+
+
+def rank_pids(marker: str) -> dict[int, int]:
+    """rank -> pid of the training processes (train.py) of the run whose folder is `marker`, from their environment."""
+    found = {}
+    for line in survivors(marker):
+        pid, command = line.split(": ", 1)
+        if "train.py" in command and "accelerate" not in command:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # exited while we looked
+            ranks = [int(entry[5:]) for entry in environ if entry.startswith(b"RANK=")]
+            found[ranks[0] if ranks else 0] = int(pid)
+    return found
+
+
+def launch_folder_of(pid: int) -> Path:
+    """The launch folder (PRETRAIN_LAUNCH_DIR) of a training process: where its progress and pid files are."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    marker = next(entry for entry in environ if entry.startswith(b"PRETRAIN_LAUNCH_DIR="))
+    return Path(marker.split(b"=", 1)[1].decode())
 
 
 def last_line(text: str) -> str:

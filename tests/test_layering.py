@@ -11,16 +11,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LEAVES = {"pretrain.files", "pretrain.errors", "pretrain.protocol"}
+LEAVES = {"pretrain.files", "pretrain.errors", "pretrain.protocol", "pretrain.progress"}
 # room -> what it may import besides itself and the leaves
 ALLOWED = {
     "pretrain.files": set(),
     "pretrain.errors": set(),
     "pretrain.protocol": set(),
+    "pretrain.progress": set(),
     "pretrain.storage": set(),
     "pretrain.distributed": set(),
     "pretrain.preemption": set(),
     "pretrain.agreement": set(),
+    # the stall watchdog reads the preemption flag: a signal's grace period bounds a stalled run's end
+    "pretrain.watchdog": {"pretrain.preemption"},
     "pretrain.data": {"pretrain.storage", "pretrain.distributed"},
     "pretrain.prepare": {"pretrain.data.format", "pretrain.data.synthetic", "pretrain.storage"},
     "pretrain.checkpoint": {"pretrain.storage", "pretrain.distributed", "pretrain.preemption", "pretrain.agreement"},
@@ -38,7 +41,8 @@ ALLOWED = {
     # the spike policy reads the agreed values into the run's state; the EMA saves through the state-dict helpers
     "pretrain.spikes": {"pretrain.agreement", "pretrain.checkpoint.train_state"},
     "pretrain.ema": {"pretrain.checkpoint.state_dicts"},
-    "pretrain.launch": {"pretrain.cli", "pretrain.memory", "pretrain.plan", "pretrain.model"},
+    # the launcher ends a stall its ranks cannot (one stopped) by the watchdog's rules and words
+    "pretrain.launch": {"pretrain.cli", "pretrain.memory", "pretrain.plan", "pretrain.model", "pretrain.watchdog"},
 }
 NOBODY_IMPORTS = ("train", "pretrain.launch")  # the entry points
 

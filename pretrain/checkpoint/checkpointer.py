@@ -68,6 +68,7 @@ from pretrain.distributed import on_local_main, on_main
 from pretrain.errors import os_reason
 from pretrain.files import write_atomically
 from pretrain.preemption import Preempted, PreemptionFlag
+from pretrain.progress import SAVE, UPLOAD, progress
 from pretrain.protocol import launched_unix
 from pretrain.storage import StorageError, open_storage, storage_options
 
@@ -144,7 +145,8 @@ class Checkpointer:
         if config.checkpoint_bucket:
             storage = open_storage(config.checkpoint_bucket, storage_options(config))
             # A tiny write now, so bad credentials fail in the first seconds, not at the first save hours later.
-            on_main(accelerator, storage.check_writable)
+            with progress.phase(UPLOAD, f"write check of {storage.url}"):
+                on_main(accelerator, storage.check_writable)
             self.remote = CheckpointStore(storage)
         if self.is_main:
             self.writer = Worker("checkpoint-writer")
@@ -274,6 +276,10 @@ class Checkpointer:
         """The run's log folder goes to the bucket every `sync_logs_every_minutes` and at the end."""
         self.logs_dir = logs_dir
 
+    def copy_log_file(self, path: Path) -> None:
+        """One file of the run's log folder to the bucket's, now (a stall's stacks, pretrain.watchdog)."""
+        self.remote.storage.upload(path, f"{LOGS_PREFIX}/{self.logs_dir.name}/{path.name}")
+
     def save_due_by_time(self) -> bool:
         """--save-every-minutes; with auto, rank 0's measurements decide (the agreement tells the other ranks)."""
         minutes = self.config.save_interval_minutes()
@@ -382,7 +388,9 @@ class Checkpointer:
     def close(self) -> None:
         """Always, also after an error: a snapshot already handed over is a good checkpoint, so it is finished."""
         if self.writer is not None:
-            if not self.writer.wait_idle(self.config.upload_timeout_seconds):
+            with progress.phase(SAVE, "the checkpoint writer finishing"):
+                finished = self.writer.wait_idle(self.config.upload_timeout_seconds)
+            if not finished:
                 log.error("the checkpoint writer did not finish in %.0f s", self.config.upload_timeout_seconds)
             self.writer.close()
             for name, error in self.writer.take_failures():
@@ -457,7 +465,9 @@ class Checkpointer:
         if self.writer is None:
             return
         waited = time.monotonic()
-        if not self.writer.wait_idle(self.config.upload_timeout_seconds):
+        with progress.phase(SAVE, f"waiting for the checkpoint write to {self.output_dir}"):  # each file is progress
+            idle = self.writer.wait_idle(self.config.upload_timeout_seconds)
+        if not idle:
             raise CheckpointWriteError(
                 f"the previous checkpoint write to {self.output_dir} did not finish in "
                 f"{self.config.upload_timeout_seconds:.0f} s (--upload-timeout-seconds); is the disk stuck?"
@@ -527,15 +537,17 @@ class Checkpointer:
         if self.uploader is None:
             return
         budget = self._upload_budget()
-        if self.uploader.busy_with():
-            log.info("waiting for the upload of %s to %s (at most %.0f s)", ", ".join(self.uploader.busy_with()),
-                     self.remote.url, budget)
-        if not self.uploader.wait_idle(budget):
-            log.error("checkpoint upload still running after %.0f s", budget)
-            return
-        if self.logs_dir is not None and self.logs_dir.is_dir():
-            self.uploader.submit(Job(LOGS_PREFIX, self._upload_logs), replace=True)
-            self.uploader.wait_idle(min(60.0, self._upload_budget()))
+        busy = ", ".join(self.uploader.busy_with())
+        if busy:
+            log.info("waiting for the upload of %s to %s (at most %.0f s)", busy, self.remote.url, budget)
+        # Each file uploaded is progress (store.upload_checkpoint): the stall watchdog ends a wait that hears of none.
+        with progress.phase(UPLOAD, f"waiting for {busy or 'the uploads'} to reach {self.remote.url}"):
+            if not self.uploader.wait_idle(budget):
+                log.error("checkpoint upload still running after %.0f s", budget)
+                return
+            if self.logs_dir is not None and self.logs_dir.is_dir():
+                self.uploader.submit(Job(LOGS_PREFIX, self._upload_logs), replace=True)
+                self.uploader.wait_idle(min(60.0, self._upload_budget()))
 
     def _check_uploaded(self) -> None:
         """At the end (or the end of the preemption grace): the newest checkpoint must be in the bucket."""
@@ -544,7 +556,9 @@ class Checkpointer:
         self._wait_for_uploads()
         self._report_uploads()
         newest = next(iter(self.local.complete()), None)
-        if newest is not None and newest not in self.remote.complete():
+        with progress.phase(UPLOAD, f"listing {self.remote.url}"):
+            uploaded = newest is None or newest in self.remote.complete()
+        if not uploaded:
             raise CheckpointNotUploaded(
                 f"checkpoint {newest} is only on this machine's disk ({self.output_dir}), not in {self.remote.url}: "
                 "its upload failed or did not finish (see the errors above); a new VM would resume from an older "
@@ -567,6 +581,7 @@ class Checkpointer:
             for path in sorted(p for p in self.logs_dir.rglob("*") if p.is_file()):
                 key = f"{LOGS_PREFIX}/{self.logs_dir.name}/{path.relative_to(self.logs_dir).as_posix()}"
                 self.remote.storage.upload(path, key)
+                progress.advanced(UPLOAD)
         except Exception as error:  # noqa: BLE001 - logs are best effort; checkpoints are what must land
             log.warning("log sync to %s failed: %s", self.remote.url, error)
         self._upload_progress()

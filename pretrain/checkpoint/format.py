@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint.train_state import StateFormatError, TrainState
 from pretrain.files import file_digest, fsync_dir, fsync_file
+from pretrain.progress import SAVE, progress
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ def _write_files(temp: Path, name: str, payload: CheckpointPayload) -> None:
     save_file(payload.model_state, str(temp / MODEL_FILE), metadata={"format": "pt"})
     if payload.ema_state is not None:
         save_file(payload.ema_state, str(temp / EMA_FILE), metadata={"format": "pt"})
+    progress.advanced(SAVE)  # a file written is progress for the stall watchdog, while the run waits for the writer
     torch.save(payload.optimizer_state, temp / OPTIMIZER_FILE)
+    progress.advanced(SAVE)
     torch.save(payload.rng_states, temp / RNG_FILE)
     (temp / STATE_FILE).write_text(json.dumps(payload.state.to_json(), indent=1))
     for path in temp.iterdir():

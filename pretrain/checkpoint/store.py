@@ -22,6 +22,7 @@ from pretrain.checkpoint.format import (
     verify_checkpoint,
 )
 from pretrain.checkpoint.retention import CheckpointRecord
+from pretrain.progress import UPLOAD, progress
 from pretrain.storage import ObjectInfo, Storage, StorageError
 from pretrain.storage.local import LocalStorage
 
@@ -143,6 +144,7 @@ def upload_checkpoint(folder: Path, remote: CheckpointStore, attempts: int = 3, 
         for attempt in range(1, attempts + 1):
             try:
                 remote.storage.upload(folder / relative, key)
+                progress.advanced(UPLOAD)  # heard by the stall watchdog while the run waits for this upload
                 break
             except Exception as error:  # noqa: BLE001 - any transfer failure gets the same bounded retry
                 if attempt == attempts:

@@ -21,8 +21,10 @@ from pretrain.errors import one_line
 from pretrain.protocol import (
     EXIT_UNEXPECTED,
     LOCAL_RANKS_FILE,
+    STALL_FILE,
     record,
     recorded_exit_code,
+    recorded_json,
 )
 
 # What torchrun's agent logs on an ordinary ending (a preempted or failed rank, the others told to stop): the
@@ -100,6 +102,9 @@ def launch(args) -> int:
     recorded = recorded_exit_code()
     if recorded:
         return recorded  # the training's own last line says why
+    stall = recorded_json(STALL_FILE)
+    if stall:
+        return int(stall["code"])  # rank 0 was killed after a stall (pretrain.watchdog); the other ranks said why
     print(f"error: {failure} before it could report how it ended; its messages are above", file=sys.stderr)
     return EXIT_UNEXPECTED
 

@@ -23,7 +23,7 @@ from pretrain.memory import (
 )
 from pretrain.model.families import family_for
 from pretrain.plan import RunPlan
-from pretrain.protocol import EXIT_BAD_INPUT
+from pretrain.protocol import EXIT_BAD_INPUT, LIMITS_FILE, record
 
 ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"  # the repository root
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -36,6 +36,7 @@ SHUTDOWN_MARGIN_SECONDS = 60
 class Launch:
     env: dict[str, str]  # set for accelerate and the training processes
     accelerate_args: list[str]  # accelerate launch's flags, then train.py and its flags
+    stall_limits: str = ""  # "START_UP_SECONDS GRACE_SECONDS": what the launcher's own stall watch goes by
 
     @property
     def command(self) -> list[str]:
@@ -173,7 +174,8 @@ def plan_launch(request: LaunchRequest, available_gpus: int, cpu_count: int) -> 
     if processes > 1:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(math.ceil(config.preemption_grace_seconds) + SHUTDOWN_MARGIN_SECONDS)
     plan = [*RunPlan(config, processes, cuda=bool(gpus)).lines(), *memory_lines]
-    return Launch(env, [*flags, "train.py", *train_args]), plan
+    limits = f"{60 * config.startup_timeout_minutes:g} {config.preemption_grace_seconds:g}"
+    return Launch(env, [*flags, "train.py", *train_args], limits), plan
 
 
 def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> list[str]:
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.launch import accelerate_quietly
 
     os.environ.update(launch.env)  # read by accelerate, torchrun and every training process it starts
+    record(LIMITS_FILE, launch.stall_limits)  # before the launch begins: the launcher watches it from then on
     args = accelerate_quietly.prepare(launch.accelerate_args)
     print("running: " + shlex.join(launch.command), flush=True)
     return accelerate_quietly.launch(args)

@@ -1,9 +1,11 @@
 """The launcher process (`python -m pretrain.launch`, which start_training.sh execs): starts the planning-and-accelerate
-child in a session of its own, passes SIGTERM/SIGINT to the training processes, signals no pid that is not this run's,
-leaves nothing behind and exits with rank 0's code. It imports no torch: the child does, once."""
+child in a session of its own, passes SIGTERM/SIGINT to the training processes, ends a stalled run whose ranks cannot
+end it themselves, signals no pid that is not this run's, leaves nothing behind and exits with rank 0's code. It
+imports no torch: the child does, once."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -17,17 +19,38 @@ from pathlib import Path
 from pretrain.protocol import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
+    EXIT_RESTART,
     EXIT_UNEXPECTED,
     LAUNCH_DIR_ENV,
+    LIMITS_FILE,
     LOCAL_RANKS_FILE,
+    STALL_FILE,
+    process_state,
+    record_first,
     recorded_exit_code,
     recorded_int,
+    recorded_json,
     recorded_pids,
+    recorded_progress,
+    stall_words,
+)
+from pretrain.watchdog import (
+    SIGNAL_RESERVE_SECONDS,
+    Verdict,
+    frozen_how,
+    is_frozen,
+    stall_line,
+    stalled_signal_line,
 )
 
 ORPHAN_GRACE_SECONDS = 90.0  # above the default preemption grace (25 s) plus a step and a save
 RANK_POLL_SECONDS = 0.2  # once a signal came: how often to look for ranks that started after it
 KILLED_EXIT_SECONDS = 10.0  # how long a SIGKILLed process may take to be gone before the launcher ends anyway
+WATCH_POLL_SECONDS = 1.0  # how often the launcher looks at the ranks' progress (pretrain.watchdog publishes it)
+# After a stall's verdict the ranks end themselves (stacks, line, exit) in a second or two; one still running after
+# this long is asked for its stacks (SIGUSR1, written by faulthandler even when its Python cannot run) and killed.
+STALL_END_SECONDS = 30.0
+STACKS_WAIT_SECONDS = 1.0  # between that SIGUSR1 and the SIGKILL
 
 
 def say(message: str) -> None:
@@ -93,6 +116,12 @@ class Supervisor:
         self.strangers: set[int] = set()  # recorded pids that are not ours (reused, or not a pid at all)
         self.told: dict[int, int] = {}  # pid -> how many signals it has been sent
         self._acted_on = 0  # how many of self.signals run() has answered
+        self.forwarded_at: float | None = None  # time.monotonic() when a signal first went to the ranks
+        self.launch_began: float | None = None  # when accelerate launch began (the local ranks file appeared)
+        self.stall: Verdict | None = None  # the stall the run ends with (a rank's verdict, or the launcher's own)
+        self.stall_seen_at = 0.0
+        self.stacks_asked_at: float | None = None  # the SIGUSR1 to ranks still running long after the stall
+        self.killed = False  # ranks were killed after a stall: the launcher repeats its line last
 
     def _on_signal(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.signals.append(signal.Signals(signum))
@@ -109,12 +138,15 @@ class Supervisor:
         child_fd = os.pidfd_open(self.child.pid)
         try:
             while not exited(child_fd):
-                self._wait([child_fd], RANK_POLL_SECONDS if self.signals else None)
+                self._wait([child_fd], RANK_POLL_SECONDS if self.signals else WATCH_POLL_SECONDS)
                 if len(self.signals) > self._acted_on:
                     code = self._answer_signals()
                     if code is not None:
                         return code
                 self._deliver()
+                code = self._watch()
+                if code is not None:
+                    return code
         finally:
             os.close(child_fd)
         status = self.child.wait()
@@ -175,6 +207,7 @@ class Supervisor:
         if not fresh:
             return
         latest = self.signals[-1]
+        self.forwarded_at = self.forwarded_at or time.monotonic()
         say(f"forwarding {latest.name} to training processes {' '.join(map(str, fresh))}")
         for pid, fd in fresh.items():
             self.told[pid] = len(self.signals)
@@ -197,11 +230,91 @@ class Supervisor:
         recorded = recorded_exit_code(self.folder)
         if recorded is not None:
             return recorded
+        stall = self.stall or self._recorded_stall()
+        if stall is not None:
+            if self.killed:  # the ranks' own lines are above the launcher's since
+                print(f"error: {stall.line}", file=sys.stderr, flush=True)
+            return stall.code
         if status < 0:
             print(f"error: the launcher (accelerate) was killed by signal {-status} before the training reported how "
                   "it ended; run the same command with --resume auto", file=sys.stderr, flush=True)
             return EXIT_UNEXPECTED
         return status
+
+    def _watch(self) -> int | None:
+        """The launcher's part of the stall watchdog (pretrain.watchdog is the ranks'): once a rank has recorded a
+        stall, or a rank that cannot record one (stopped, its Python not running) is past its deadline, or no rank
+        started within the start-up allowance, it sees that every rank ends. An exit code when the launch ends here."""
+        now = time.monotonic()
+        if self.launch_began is None and recorded_int(LOCAL_RANKS_FILE, self.folder) is not None:
+            self.launch_began = now
+        if self.stall is None:
+            self.stall = self._recorded_stall() or self._stall_seen(now)
+            if self.stall is None:
+                return None
+            self.stall_seen_at = now
+            if not recorded_pids(self.folder):  # nothing started: nothing to wait for
+                print(f"error: {self.stall.line}", file=sys.stderr, flush=True)
+                self.child.kill()  # not yet reaped, so its pid is still its own
+                self.child.wait()
+                return self.stall.code
+            for pid, fd in self._live_ranks().items():
+                if process_state(pid) in ("T", "t"):
+                    say(f"continuing training process {pid} (stopped) so that it writes its stacks and ends")
+                    send(fd, signal.SIGCONT)
+        self._end_stalled_ranks(now)
+        return None
+
+    def _recorded_stall(self) -> Verdict | None:
+        values = recorded_json(STALL_FILE, self.folder)
+        return Verdict.from_json(values) if values else None
+
+    def _stall_seen(self, now: float) -> Verdict | None:
+        """A stall only the launcher can see, recorded (unless a rank just recorded one) for every rank to end with."""
+        try:
+            startup, grace = (float(value) for value in (self.folder / LIMITS_FILE).read_text().split())
+        except (OSError, ValueError):  # not recorded (yet): a child of another shape, or still planning
+            startup = grace = None
+        verdict = None
+        if startup is not None and self.launch_began is not None and not recorded_pids(self.folder) \
+                and now - self.launch_began > startup:
+            verdict = Verdict(EXIT_RESTART, f"no training process started within {startup:.0f} s of the launch "
+                              "(--startup-timeout-minutes): the launch is waiting for machines that have not joined "
+                              f"(--nodes, --main-address); exit {EXIT_RESTART}: run the same command again", "start-up")
+        records = {record["pid"]: record for record in recorded_progress(self.folder)}
+        for pid in self._live_ranks():
+            record = records.get(pid)
+            if verdict is not None or record is None or not is_frozen(record, now):
+                continue
+            words = stall_words(record, now - record["moved_at"], frozen_how(record, now))
+            if now >= record["deadline"]:
+                verdict = Verdict(EXIT_RESTART, stall_line(words), record["phase"])
+            elif grace is not None and self.forwarded_at is not None \
+                    and now >= self.forwarded_at + grace - SIGNAL_RESERVE_SECONDS:
+                verdict = Verdict(EXIT_PREEMPTED, stalled_signal_line(self.signals[-1].name, now - self.forwarded_at,
+                                                                      words, grace), record["phase"])
+        if verdict is None:
+            return None
+        won = record_first(STALL_FILE, verdict.to_json(), self.folder)
+        return Verdict.from_json(json.loads(won)) if won else verdict
+
+    def _end_stalled_ranks(self, now: float) -> None:
+        """Ranks still running long after the stall's verdict write their stacks (faulthandler, on SIGUSR1) and are
+        killed: accelerate would otherwise wait for them for the whole shutdown timeout."""
+        live = self._live_ranks()
+        if not live:
+            return
+        allowed = SIGNAL_RESERVE_SECONDS if self.stall.code == EXIT_PREEMPTED else STALL_END_SECONDS
+        if self.stacks_asked_at is None and now - self.stall_seen_at > allowed:
+            say(f"training processes {' '.join(map(str, live))} did not end after the stall; their Python stacks "
+                "follow (SIGUSR1), then they are killed")
+            for fd in live.values():
+                send(fd, signal.SIGUSR1)
+            self.stacks_asked_at = now
+        elif self.stacks_asked_at is not None and now - self.stacks_asked_at >= STACKS_WAIT_SECONDS:
+            for fd in live.values():
+                send(fd, signal.SIGKILL)
+            self.killed = True
 
     def _ours_still_running(self) -> dict[int, int]:
         """pid -> pidfd of every live process that carries this run's launch folder: the child, the ranks and
