@@ -42,6 +42,8 @@ TICK_SECONDS = 0.5  # how often the watchdog publishes a beat and looks (a stopp
 BEAT_STALE_SECONDS = 10.0  # a rank whose beat is this old is not running at all (stopped, or its GIL held)
 SIGNAL_RESERVE_SECONDS = 3.0  # ending takes this long at most (stacks, one line, exit), within the grace period
 STACKS_UPLOAD_SECONDS = 15.0  # the copy of the stacks to the bucket's log folder waits at most this long
+# The descriptor, not sys.stderr: a replaced stderr (a test's capture, a redirect) may have no descriptor of its own.
+STDERR_FD = 2
 BACKSTOP_SECONDS = 60.0  # past its deadline, a process whose watchdog thread cannot run is ended by faulthandler
 PROCESS_GROUP_MARGIN_SECONDS = 300.0  # the process group's own timeout: the longest allowance plus this
 # How a rank's phase bears on naming the one that stalled the run: local work first, then a step (whose gradient
@@ -159,7 +161,7 @@ class Watchdog:
     def start(self) -> Watchdog:
         # A process whose Python cannot run (stopped, its GIL held) still writes its stacks on SIGUSR1: the launcher
         # asks for them before it kills one (pretrain.launch.supervisor).
-        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+        faulthandler.register(signal.SIGUSR1, file=STDERR_FD, all_threads=True, chain=False)
         self.progress.restart()  # a run that starts now (tests run several in one process)
         self.tick()
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
@@ -221,7 +223,7 @@ class Watchdog:
             self._ending.release()
             return
         if self._backstop:  # the ending itself is bounded too
-            faulthandler.dump_traceback_later(STACKS_UPLOAD_SECONDS + 30.0, exit=True)
+            faulthandler.dump_traceback_later(STACKS_UPLOAD_SECONDS + 30.0, exit=True, file=STDERR_FD)
         won = record_first(STALL_FILE, verdict.to_json(), self.folder)
         if won is not None:
             verdict = Verdict.from_json(json.loads(won))  # the first process's verdict: every rank says the same
@@ -251,7 +253,7 @@ class Watchdog:
         """faulthandler's own thread (it needs no GIL) ends this process BACKSTOP_SECONDS past the deadline if this
         watchdog could not; re-armed only when the deadline moved a good deal, as each arming starts a thread."""
         if self._backstop and (self._armed is None or not 0 <= deadline - self._armed <= BACKSTOP_SECONDS / 2):
-            faulthandler.dump_traceback_later(max(0.0, deadline - now) + BACKSTOP_SECONDS, exit=True)
+            faulthandler.dump_traceback_later(max(0.0, deadline - now) + BACKSTOP_SECONDS, exit=True, file=STDERR_FD)
             self._armed = deadline
 
     def _publish(self, snapshot: Snapshot, now: float, deadline: float) -> None:
@@ -310,7 +312,7 @@ class Watchdog:
         header = (f"Python stacks of rank {self.rank} (pid {os.getpid()}), every thread, as the run ends "
                   f"({datetime.now():%Y-%m-%d %H:%M:%S}); threads: {names}\n")
         os.write(2, header.encode())
-        faulthandler.dump_traceback(file=2, all_threads=True)
+        faulthandler.dump_traceback(file=STDERR_FD, all_threads=True)
         if self._stacks_dir is None:
             return None
         path = self._stacks_dir / f"stacks-rank{self.rank}.txt"
