@@ -28,6 +28,9 @@ LAUNCHED_ENV = "PRETRAIN_LAUNCHED_UNIX"
 _PROCESS_STARTED_UNIX = time.time()  # for a train.py started without the launcher: about when this process started
 EXIT_CODE_FILE = "exit_code"  # rank 0's exit code (accelerate launch masks it), one number and a newline
 LOCAL_RANKS_FILE = "local_ranks"  # how many training processes this machine starts
+# Set (with TORCH_CPP_LOG_LEVEL=FATAL) by the launcher for its child when the user set no C++ log level: torchrun's
+# agent runs there, and the child gives the training processes the user's setting back.
+QUIET_AGENT_ENV = "PRETRAIN_QUIET_AGENT"
 
 
 def pid_file(rank: int | str) -> str:

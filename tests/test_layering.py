@@ -21,6 +21,7 @@ ALLOWED = {
     "pretrain.distributed": set(),
     "pretrain.preemption": set(),
     "pretrain.agreement": set(),
+    "pretrain.machines": set(),
     "pretrain.data": {"pretrain.storage", "pretrain.distributed"},
     "pretrain.prepare": {"pretrain.data.format", "pretrain.data.synthetic", "pretrain.storage"},
     "pretrain.checkpoint": {"pretrain.storage", "pretrain.distributed", "pretrain.preemption", "pretrain.agreement"},
