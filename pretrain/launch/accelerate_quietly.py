@@ -2,7 +2,7 @@
 (in the launcher's child, pretrain.launch.command, or by hand as `python -m pretrain.launch.accelerate_quietly launch`).
 
 Accelerate reports a failed child as a CalledProcessError or torchrun's ChildFailedError traceback; here either becomes
-the code rank 0 recorded in $PRETRAIN_LAUNCH_DIR/exit_code, or one line of ours when no rank could record one.
+the code this machine's first rank recorded in $PRETRAIN_LAUNCH_DIR/exit_code, or one line of ours when none could.
 """
 
 from __future__ import annotations
