@@ -3,12 +3,12 @@
 #   ./start_training.sh --config production --gpus 2
 #   ./start_training.sh --config production --gpus 2 --resume auto
 # Launcher flags: --config NAME  --gpus N  --cpu-processes N  --strategy auto|ddp|fsdp
-#                 --nodes N --node-rank R --main-address HOST --main-port PORT
+#                 --nodes N --node-rank R --main-address HOST --main-port PORT --rendezvous-timeout-seconds S
 # Every other flag goes to train.py (--resume, --max-steps, --save-steps, ...; see --help).
 # SIGTERM/SIGINT are forwarded to every training process, which writes an emergency checkpoint
 # and exits with 75; the exit code of train.py is returned (0 done, 1 unexpected, 2 bad input,
-# 3 non-finite losses, 4 newest checkpoint only on local disk, 75 preempted, 76 stalled: run it again,
-# 130 second Ctrl-C).
+# 3 non-finite losses, 4 newest checkpoint only on local disk, 75 preempted, 76 a rank stalled or
+# another machine is gone or never joined: run it again, 130 second Ctrl-C).
 set -uo pipefail
 cd "$(dirname "$0")"
 # Lost-time accounting counts a restart's start-up (set-up, download, data, compile) from here.

@@ -4,8 +4,8 @@ Run through `./start_training.sh` (which calls `accelerate launch train.py ...`)
 Exit codes: 0 done, 1 anything unexpected, 2 bad input (config, data, checkpoint, bucket, a checkpoint that could not
 be written), 3 too many non-finite steps or loss-spike rollbacks, 4 the newest checkpoint is only on local disk
 (its upload failed), 75 stopped by a signal (after an emergency checkpoint once training started; rerun with
---resume auto), 76 a process stalled and the stall watchdog ended the run (pretrain/watchdog.py; run the same
-command again).
+--resume auto), 76 a process stalled (the stall watchdog, pretrain/watchdog.py) or another machine's processes are
+gone: run the same command again (on every machine).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pretrain.protocol import (
     EXIT_NOT_UPLOADED,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_RESTART,
     launch_dir,
     pid_file,
     record,
@@ -59,25 +60,32 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.checkpoint.checkpointer import CheckpointNotUploaded
     from pretrain.checkpoint.format import CheckpointError
     from pretrain.loop import NonFiniteLoss, Trainer
+    from pretrain.machines import Machines, lost_machine_line, preempted_words
     from pretrain.preemption import Preempted, PreemptionFlag
     from pretrain.spikes import TooManySpikes
     from pretrain.storage.base import StorageError
     from pretrain.storage.redaction import redact
 
     rank = os.environ.get("RANK", "0")
+    # Each machine's launcher reads the exit code of its own first process (rank 0's on machine 0).
+    local_main = os.environ.get("LOCAL_RANK", "0") == "0"
     folder = launch_dir()
-    preemption = PreemptionFlag(str(folder / EXIT_CODE_FILE) if folder and rank == "0" else None)
+    preemption = PreemptionFlag(str(folder / EXIT_CODE_FILE) if folder and local_main else None)
     preemption.install()
     # Only now: the launcher sends signals to the pids it finds, and before install() one would kill this process.
     record(pid_file(rank), str(os.getpid()))
     log = logging.getLogger("train")
+    machines = Machines.from_env()
+    trainer = None
     try:
         trainer = Trainer(config, preemption)
         _KEEP_UNTIL_EXIT.append(trainer)  # freed only by os._exit below: see exit_without_teardown
         trainer.run()
         code = EXIT_OK
-    except Preempted as signal_name:
-        log.warning("stopped by %s; run the same command with --resume auto to continue", signal_name)
+    except Preempted as stopped:
+        why = f"by {stopped.signal_name}" if stopped.signal_name else \
+            f"because {preempted_words(stopped.signalled, machines)}"
+        log.warning("stopped %s; run the same command with --resume auto to continue", why)
         code = EXIT_PREEMPTED
     except CheckpointNotUploaded as error:
         log.error("error: %s", redact(one_line(error)))
@@ -88,7 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, StorageError, PermissionError, OSError) as error:
         log.error("error: %s", redact(one_line(error)))
         code = EXIT_BAD_INPUT
-    if rank == "0":
+    except Exception as error:
+        # Another machine's processes are gone (a collective's connection to them closed): this machine ends too,
+        # with one line, rather than a traceback or a wait. Anything else is a bug: its traceback follows.
+        step = getattr(getattr(trainer, "state", None), "step", None)
+        line = lost_machine_line(error, machines, step)
+        if line is None:
+            raise
+        log.error("error: %s", line)
+        code = EXIT_RESTART
+    if local_main:
         record(EXIT_CODE_FILE, str(code))
     return code
 

@@ -33,6 +33,20 @@ def on_main(accelerator: Accelerator, compute: Callable[[], T]) -> T:
     return value
 
 
+def gathered(accelerator: Accelerator, value: T) -> list[T]:
+    """Every process's `value`, in rank order, on every process (one small collective)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def signalled_ranks(accelerator: Accelerator, signal_name: str) -> list[tuple[int, str]]:
+    """(rank, signal name) of every process a signal reached: whoever got none can then say why the run stops."""
+    return [(rank, name) for rank, name in enumerate(gathered(accelerator, signal_name)) if name]
+
+
 def on_local_main(accelerator: Accelerator, compute: Callable[[], T]) -> T | None:
     """Runs `compute` on each node's first process (work on a node's own disk); the others wait for it.
 

@@ -42,7 +42,7 @@ from pretrain.checkpoint.state_dicts import load_model_state
 from pretrain.checkpoint.train_state import TrainState
 from pretrain.data.samples import make_train_loader
 from pretrain.data.training_data import frozen_from_json, prepare_training_data
-from pretrain.distributed import on_main
+from pretrain.distributed import on_main, signalled_ranks
 from pretrain.ema import EMA
 from pretrain.errors import cause_line
 from pretrain.evaluation import Evaluator, eval_values
@@ -665,11 +665,10 @@ class Trainer:
     def _stop_if_preempted(self) -> None:
         """Between set-up stages: a signal before step 1 ends the run at once (nothing new to save). Every rank passes
         the same stages, so they agree here in one small collective and stop together, never one rank alone."""
-        requested = torch.tensor([int(self.preemption.requested)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            requested = self.accelerator.reduce(requested, reduction="sum")
-        if int(requested.item()):
-            raise Preempted(self.preemption.signal_name or "a signal on another process")
+        signalled = signalled_ranks(self.accelerator, self.preemption.received)
+        if signalled:
+            self.preemption.agree()
+            raise Preempted(self.preemption.signal_name, signalled)
 
     def _wants_activation_checkpointing(self) -> bool:
         """`auto`: only on a GPU whose memory the current layout would not fit without it (see the memory plan)."""

@@ -11,7 +11,13 @@ from pretrain.protocol import EXIT_INTERRUPTED
 
 
 class Preempted(Exception):
-    """Raised once the run has stopped for a signal (after its emergency checkpoint, if it had trained at all)."""
+    """Raised once the run has stopped for a signal (after its emergency checkpoint, if it had trained at all).
+    `signalled`: (rank, signal name) of every process that got one, so a process that got none can say why."""
+
+    def __init__(self, signal_name: str, signalled: list[tuple[int, str]] | None = None) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.signalled = signalled or []
 
 
 class PreemptionFlag:
@@ -20,6 +26,7 @@ class PreemptionFlag:
         self._event = threading.Event()
         self.signal_name = ""
         self.received_at = 0.0  # time.monotonic() of the first signal: the grace period counts from here
+        self.agreed = False  # the processes agreed to stop: this one, or another (on another machine) got a signal
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
@@ -43,7 +50,21 @@ class PreemptionFlag:
 
     @property
     def requested(self) -> bool:
+        """A signal reached this process."""
         return self._event.is_set()
+
+    @property
+    def received(self) -> str:
+        """The name of the signal that reached this process ('' while none did), for the others to read."""
+        return (self.signal_name or "a signal") if self.requested else ""
+
+    def agree(self) -> None:
+        """The processes agreed to stop. One that got no signal itself (its machine was not the one preempted) counts
+        the grace period from now, at most a step after the signal: the preempted machine waits for what this one
+        still has to do (rank 0's upload) only as long as its own grace period lasts."""
+        if not self.agreed and not self.requested:
+            self.received_at = time.monotonic()
+        self.agreed = True
 
     def grace_left(self, grace_seconds: float) -> float:
         return max(0.0, grace_seconds - (time.monotonic() - self.received_at))

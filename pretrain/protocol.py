@@ -36,6 +36,10 @@ LOCAL_RANKS_FILE = "local_ranks"  # how many training processes this machine sta
 LIMITS_FILE = "stall_limits"  # "START_UP_SECONDS GRACE_SECONDS"
 STALL_FILE = "stalled"  # JSON {"code": exit code, "line": the one line every process ends with}
 
+# Set (with TORCH_CPP_LOG_LEVEL=FATAL) by the launcher for its child when the user set no C++ log level: torchrun's
+# agent runs there, and the child gives the training processes the user's setting back.
+QUIET_AGENT_ENV = "PRETRAIN_QUIET_AGENT"
+
 
 def pid_file(rank: int | str) -> str:
     """Written by each rank once its signal handler is installed: before that a signal would kill it."""

@@ -200,6 +200,33 @@ def test_multi_node_flags_reach_torchrun(strategy, sharding):
     assert env.get("FSDP_SHARDING_STRATEGY") == sharding
 
 
+def test_cpu_processes_on_several_machines_reach_torchrun_as_a_bounded_static_rendezvous(tmp_path, monkeypatch):
+    """What torchrun's agent gets for machine 1 of 2 with 2 CPU processes each: 2 local processes of 4, machine 0's
+    address, the rendezvous timeout, no restarts; and the launcher expects 2 local ranks."""
+    import torch.distributed.run as torchrun
+    from accelerate.utils.launch import _filter_args
+
+    from pretrain.launch import accelerate_quietly
+
+    argv = ["--config", "test", "--cpu-processes", "2", "--nodes", "2", "--node-rank", "1", "--main-address",
+            "127.0.0.1", "--main-port", "29733", "--rendezvous-timeout-seconds", "30"]
+    args = accelerate_launch_resolution(argv, 0)
+    assert args.multi_gpu and not args.cpu and args.num_processes == 4 and args.mixed_precision == "no"
+    prepare_multi_gpu_env(args)  # sets torchrun's arguments on args
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun would set it in this process's environment
+    torchrun_args = _filter_args(args, torchrun.get_args_parser(), ["--training_script", "train.py"])
+    config, _, _ = torchrun.config_from_args(torchrun_args)
+    assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (2, 2, 2)
+    assert config.rdzv_backend == "static" and config.rdzv_endpoint == "127.0.0.1:29733"
+    assert int(config.rdzv_configs["timeout"]) == 30 and config.rdzv_configs["rank"] == 1
+    assert config.max_restarts == 0
+
+    monkeypatch.setenv("PRETRAIN_LAUNCH_DIR", str(tmp_path))
+    planned, _ = plan_launch(parse_launch_args(argv), available_gpus=0, cpu_count=2)
+    accelerate_quietly.prepare(planned.accelerate_args)
+    assert (tmp_path / "local_ranks").read_text() == "2\n"  # the ranks of this machine, not of the run
+
+
 def test_cpu_processes_resolve_to_gloo_processes_without_any_launch_file():
     args = accelerate_launch_resolution(["--config", "test", "--cpu-processes", "2"], 0)
     assert args.multi_gpu and args.num_processes == 2 and args.config_file is None

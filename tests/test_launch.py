@@ -95,6 +95,28 @@ def test_fsdp_and_multi_node_pick_their_files_and_pass_rendezvous_flags():
     assert any(line.startswith("memory plan per GPU: FSDP on 16 GPUs (sharded over the 8 of a node)") for line in plan)
 
 
+RENDEZVOUS = ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.2", "--main_process_port",
+              "29733", "--rdzv_conf", "timeout=600", "--max_restarts", "0"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_cpu_processes_on_several_machines_rendezvous_as_gpus_do(processes):
+    """The same rendezvous flags as on GPUs: static at machine 0's address, bounded, never restarted."""
+    cpu = ["--cpu-processes", str(processes)] if processes > 1 else []
+    machine = ["--nodes", "2", "--node-rank", "1", "--main-address", "10.0.0.2", "--main-port", "29733"]
+    argv = ["--config", "test", *cpu, *machine]
+    env, flags, _, plan = command_for(argv)
+    assert flags[:3] == ["--multi_gpu", "--num_processes", str(2 * processes)]  # all processes of all machines
+    assert "--cpu" not in flags and flags[-len(RENDEZVOUS):] == RENDEZVOUS
+    assert env[1] == f"OMP_NUM_THREADS={2 // processes}"  # this machine's cores among its own processes
+    assert f"x {2 * processes} processes x 128 tokens" in " ".join(plan)
+    _, gpu_flags, _, _ = command_for(["--config", "production_8gpu", "--gpus", "8", "--gpu-memory-gb", "79.1",
+                                      *machine], gpus=8)
+    assert gpu_flags[-len(RENDEZVOUS):] == RENDEZVOUS
+    _, flags, _, _ = command_for([*argv, "--rendezvous-timeout-seconds", "45"])
+    assert "timeout=45" in flags
+
+
 @pytest.mark.parametrize(
     "argv, gpus, fragment",
     [
@@ -102,6 +124,9 @@ def test_fsdp_and_multi_node_pick_their_files_and_pass_rendezvous_flags():
         (["--gpus", "4"], 2, "only 2 GPUs are visible"),
         (["--gpus", "1", "--cpu-processes", "2"], 1, "--cpu-processes is for machines without a GPU"),
         (["--nodes", "2", "--node-rank", "2"], 1, "--node-rank 2 must be in"),
+        (["--nodes", "0"], 0, "--nodes must be at least 1, got 0"),
+        (["--nodes", "2", "--main-port", "0"], 0, "--main-port must be a TCP port"),
+        (["--nodes", "2", "--rendezvous-timeout-seconds", "0"], 0, "--rendezvous-timeout-seconds must be positive"),
         (["--config", "nope"], 0, "is not a known config"),
         (["--config", "production", "--gpus", "2"], 2, "pass --gpu-memory-gb N"),
         (["--save-stpes", "3"], 0, "did you mean --save-steps"),

@@ -24,6 +24,7 @@ ALLOWED = {
     "pretrain.agreement": set(),
     # the stall watchdog reads the preemption flag: a signal's grace period bounds a stalled run's end
     "pretrain.watchdog": {"pretrain.preemption"},
+    "pretrain.machines": set(),
     "pretrain.data": {"pretrain.storage", "pretrain.distributed"},
     "pretrain.prepare": {"pretrain.data.format", "pretrain.data.synthetic", "pretrain.storage"},
     "pretrain.checkpoint": {"pretrain.storage", "pretrain.distributed", "pretrain.preemption", "pretrain.agreement"},

@@ -64,7 +64,7 @@ from pretrain.checkpoint.store import (
 )
 from pretrain.checkpoint.train_state import TrainState
 from pretrain.checkpoint.worker import Job, Worker
-from pretrain.distributed import on_local_main, on_main
+from pretrain.distributed import on_local_main, on_main, signalled_ranks
 from pretrain.errors import os_reason
 from pretrain.files import write_atomically
 from pretrain.preemption import Preempted, PreemptionFlag
@@ -196,9 +196,13 @@ class Checkpointer:
     def _load(self, name: str) -> tuple[Resumed, float]:
         """Checkpoint `name` (already local on this node's main process) loaded on every rank; and when it was local."""
         folder = self.output_dir / name
-        if self.accelerator.is_local_main_process and not self.is_main and not folder.exists():
-            self._fetch(name)  # another node without a shared disk fetches its own copy
-        self.accelerator.wait_for_everyone()
+
+        def fetch_here() -> None:
+            if not self.is_main:  # another machine: its own verified copy, downloaded when its disk lacks one
+                self._fetch(name)
+
+        # On every machine's first process at once; a failure on any machine is raised on every rank.
+        on_local_main(self.accelerator, fetch_here)
         fetched = time.monotonic()
         payload = load_checkpoint(folder)
         self._check_compatible(payload.state)
@@ -302,9 +306,11 @@ class Checkpointer:
             on_main(self.accelerator, self._raise_write_failure)
         if signals.preempted:
             self._ended_unix = time.time()
+            self.preemption.agree()  # from here every wait comes out of the grace period, on every machine
+            signalled = signalled_ranks(self.accelerator, self.preemption.received)
             self.save(state, model, optimizer, "emergency")
             self.finish(state, ended="preempted")
-            raise Preempted(self.preemption.signal_name or "preemption")
+            raise Preempted(self.preemption.signal_name, signalled)
         if state.step % self.config.save_steps == 0:
             self.save(state, model, optimizer, "scheduled")
         elif signals.save_due:
@@ -529,7 +535,7 @@ class Checkpointer:
     def _upload_budget(self) -> float:
         """After a preemption signal every wait comes out of the grace period the VM gives."""
         seconds = self.config.upload_timeout_seconds
-        if self.preemption.requested:
+        if self.preemption.requested or self.preemption.agreed:
             return min(seconds, self.preemption.grace_left(self.config.preemption_grace_seconds))
         return seconds
 

@@ -2,29 +2,35 @@
 (in the launcher's child, pretrain.launch.command, or by hand as `python -m pretrain.launch.accelerate_quietly launch`).
 
 Accelerate reports a failed child as a CalledProcessError or torchrun's ChildFailedError traceback; here either becomes
-the code rank 0 recorded in $PRETRAIN_LAUNCH_DIR/exit_code, or one line of ours when no rank could record one.
+the code this machine's first rank recorded in $PRETRAIN_LAUNCH_DIR/exit_code, or one line of ours when none could.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 
 from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed import DistError
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from pretrain.errors import one_line
 from pretrain.protocol import (
+    EXIT_RESTART,
     EXIT_UNEXPECTED,
     LOCAL_RANKS_FILE,
+    QUIET_AGENT_ENV,
     STALL_FILE,
+    launch_dir,
     record,
     recorded_exit_code,
     recorded_json,
+    recorded_pids,
 )
 
 # What torchrun's agent logs on an ordinary ending (a preempted or failed rank, the others told to stop): the
@@ -79,8 +85,32 @@ def prepare(argv: list[str]):
     return args
 
 
+def rendezvous_failure(args, error: BaseException) -> str | None:
+    """The one line for machines that did not all meet at start-up (torchrun's static rendezvous timed out, or machine
+    0's store never answered); None for any other failure."""
+    folder = launch_dir()
+    if (args.num_machines or 1) < 2 or not isinstance(error, DistError) or (folder and recorded_pids(folder)):
+        return None
+    settings = dict(item.split("=", 1) for item in (args.rdzv_conf or "").split(",") if "=" in item)
+    timeout = settings.get("timeout", "?")
+    where = f"{args.main_process_ip}:{args.main_process_port}"
+    if int(args.machine_rank) == 0:
+        what = (f"not all {args.num_machines} machines joined the rendezvous at {where} within {timeout} s "
+                f"(--rendezvous-timeout-seconds; {one_line(error)}); start the same command on every machine, with "
+                f"--node-rank 0 to {args.num_machines - 1} and the same --nodes, --main-address and --main-port")
+    else:
+        what = (f"machine 0 did not answer the rendezvous at {where} within {timeout} s "
+                f"(--rendezvous-timeout-seconds; {one_line(error)}); start the same command with --node-rank 0 on "
+                "machine 0, and check that this machine reaches --main-address on --main-port")
+    return f"{what}; exit {EXIT_RESTART}: run the same command again"
+
+
 def launch(args) -> int:
     _drop_routine_agent_messages()
+    # The launcher quieted torch's C++ log for this process (torchrun's agent, whose store retries would bury the
+    # line about a rendezvous that failed); the training processes start with the user's setting again.
+    if os.environ.pop(QUIET_AGENT_ENV, None) is not None:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
     LocalElasticAgent._stop_workers = _stop_workers_within_shutdown_timeout
     # One process runs through accelerate's simple launcher, which dies on SIGTERM/SIGINT and leaves its child behind;
     # torchrun's agent installs its own handlers (forward to the ranks, wait TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
@@ -97,6 +127,10 @@ def launch(args) -> int:
     except SignalException as error:
         failure = f"the launcher got {error.sigval.name} and stopped the training processes"
     except Exception as error:  # noqa: BLE001 - e.g. the rendezvous port is taken: one line, not accelerate's traceback
+        line = rendezvous_failure(args, error)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            return EXIT_RESTART
         print(f"error: accelerate launch failed: {one_line(error)}", file=sys.stderr)
         return EXIT_UNEXPECTED
     recorded = recorded_exit_code()

@@ -30,6 +30,8 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 # torchrun's agent SIGKILLs the ranks this long after passing on a SIGTERM; they need the grace period plus the
 # time to finish the step they are in and leave the process group.
 SHUTDOWN_MARGIN_SECONDS = 60
+# How long torchrun's static rendezvous waits for every machine at start-up (its own default is 900 s).
+RENDEZVOUS_TIMEOUT_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class LaunchRequest:
     main_address: str
     main_port: int
     train_args: list[str]
+    rendezvous_timeout_seconds: int = RENDEZVOUS_TIMEOUT_SECONDS
 
 
 def parse_launch_args(argv: list[str]) -> LaunchRequest:
@@ -69,17 +72,24 @@ def parse_launch_args(argv: list[str]) -> LaunchRequest:
     parser.add_argument("--node-rank", type=int, default=0)
     parser.add_argument("--main-address", default="127.0.0.1")
     parser.add_argument("--main-port", type=int, default=29500)
+    parser.add_argument("--rendezvous-timeout-seconds", type=int, default=RENDEZVOUS_TIMEOUT_SECONDS)
     known, rest = parser.parse_known_args(argv)
     for name in ("gpus", "cpu_processes", "nodes"):
         value = getattr(known, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if known.nodes < 1:
+        raise ValueError(f"--nodes must be at least 1, got {known.nodes}")
     if not 0 <= known.node_rank < known.nodes:
         raise ValueError(f"--node-rank {known.node_rank} must be in [0, --nodes {known.nodes})")
+    if not 0 < known.main_port < 65536:
+        raise ValueError(f"--main-port must be a TCP port (1 to 65535), got {known.main_port}")
+    if known.rendezvous_timeout_seconds <= 0:
+        raise ValueError(f"--rendezvous-timeout-seconds must be positive, got {known.rendezvous_timeout_seconds}")
     return LaunchRequest(
         config_name=known.config, gpus=known.gpus, cpu_processes=known.cpu_processes, strategy=known.strategy,
         nodes=known.nodes, node_rank=known.node_rank, main_address=known.main_address, main_port=known.main_port,
-        train_args=["--config", known.config, *rest],
+        train_args=["--config", known.config, *rest], rendezvous_timeout_seconds=known.rendezvous_timeout_seconds,
     )
 
 
@@ -150,32 +160,42 @@ def plan_launch(request: LaunchRequest, available_gpus: int, cpu_count: int) -> 
             # One FSDP unit per block: the block class is the model family's (the files name no architecture).
             flags += ["--fsdp_transformer_layer_cls_to_wrap", family_for(config.model).layer_class_name]
         flags += ["--num_processes", str(gpus * request.nodes), "--mixed_precision", precision]
-        if request.nodes > 1:
-            flags += [
-                "--num_machines", str(request.nodes), "--machine_rank", str(request.node_rank),
-                "--main_process_ip", request.main_address, "--main_process_port", str(request.main_port),
-            ]
     else:
         if request.strategy == "fsdp":
             raise ValueError("--strategy fsdp needs GPUs: Accelerate does not set up FSDP on CPU processes (see README)")
-        if request.nodes > 1:
-            raise ValueError("--nodes > 1 needs GPUs; multi-node CPU training is not supported")
         processes_per_node = max(1, request.cpu_processes)
         precision = config.mixed_precision if config.cpu_mixed_precision else "no"
-        if processes_per_node > 1:
-            # `--cpu --num_processes N` silently runs one process; --multi_gpu on a CPU-only machine gives N gloo processes.
-            flags += ["--multi_gpu", "--num_processes", str(processes_per_node), "--main_process_port", str(request.main_port)]
+        if processes_per_node * request.nodes > 1:
+            # `--cpu --num_processes N` silently runs one process; --multi_gpu on a CPU-only machine gives N gloo
+            # processes, also across machines (torchrun's rendezvous as on GPUs).
+            flags += ["--multi_gpu", "--num_processes", str(processes_per_node * request.nodes)]
+            if request.nodes == 1:
+                flags += ["--main_process_port", str(request.main_port)]
         else:
             flags += ["--cpu", "--num_processes", "1"]
-        flags += ["--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
+        if request.nodes == 1:
+            flags += ["--num_machines", "1"]
+        flags += ["--mixed_precision", precision, "--dynamo_backend", "no"]
         # A fair share of the cores per process; oversubscribed threads make every process slower.
         env["OMP_NUM_THREADS"] = str(max(1, cpu_count // processes_per_node))
+    if request.nodes > 1:
+        flags += rendezvous_flags(request)
     processes = processes_per_node * request.nodes
     if processes > 1:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(math.ceil(config.preemption_grace_seconds) + SHUTDOWN_MARGIN_SECONDS)
     plan = [*RunPlan(config, processes, cuda=bool(gpus)).lines(), *memory_lines]
     limits = f"{60 * config.startup_timeout_minutes:g} {config.preemption_grace_seconds:g}"
     return Launch(env, [*flags, "train.py", *train_args], limits), plan
+
+
+def rendezvous_flags(request: LaunchRequest) -> list[str]:
+    """Several machines, on GPUs or CPU processes alike: torchrun's static rendezvous at machine 0's address, bounded
+    by --rendezvous-timeout-seconds, and no restarts (a lost machine ends the run; the orchestrator restarts it)."""
+    return [
+        "--num_machines", str(request.nodes), "--machine_rank", str(request.node_rank),
+        "--main_process_ip", request.main_address, "--main_process_port", str(request.main_port),
+        "--rdzv_conf", f"timeout={request.rendezvous_timeout_seconds}", "--max_restarts", "0",
+    ]
 
 
 def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> list[str]:
@@ -188,7 +208,7 @@ def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> 
 
     lines = ["dry run: nothing is allocated or trained"]
     memory_lines: list[str] = []
-    processes = max(1, request.cpu_processes) if not gpus else gpus * request.nodes
+    processes = (gpus or max(1, request.cpu_processes)) * request.nodes
     if gpus:
         layout, memory_lines = choose_layout_for(request, config, gpus)
         config = with_layout(config, layout)

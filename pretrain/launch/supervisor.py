@@ -1,7 +1,7 @@
 """The launcher process (`python -m pretrain.launch`, which start_training.sh execs): starts the planning-and-accelerate
 child in a session of its own, passes SIGTERM/SIGINT to the training processes, ends a stalled run whose ranks cannot
-end it themselves, signals no pid that is not this run's, leaves nothing behind and exits with rank 0's code. It
-imports no torch: the child does, once."""
+end it themselves, signals no pid that is not this run's, leaves nothing behind and exits with the code of its
+machine's first rank (rank 0's on machine 0). It imports no torch: the child does, once."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pretrain.protocol import (
     LAUNCH_DIR_ENV,
     LIMITS_FILE,
     LOCAL_RANKS_FILE,
+    QUIET_AGENT_ENV,
     STALL_FILE,
     process_state,
     record_first,
@@ -133,8 +134,11 @@ class Supervisor:
             return EXIT_PREEMPTED
         # Its own session, so a terminal's Ctrl-C reaches only this process, which passes it to the training
         # processes (not to accelerate or torchrun, which would stop them before their emergency checkpoint).
-        self.child = subprocess.Popen(child_command, env={**os.environ, LAUNCH_DIR_ENV: str(self.folder)},
-                                      start_new_session=True)
+        env = {**os.environ, LAUNCH_DIR_ENV: str(self.folder)}
+        if "TORCH_CPP_LOG_LEVEL" not in env:
+            # torch reads it once, at import: the child (torchrun's agent) is quiet, its training processes are not.
+            env.update({"TORCH_CPP_LOG_LEVEL": "FATAL", QUIET_AGENT_ENV: "1"})
+        self.child = subprocess.Popen(child_command, env=env, start_new_session=True)
         child_fd = os.pidfd_open(self.child.pid)
         try:
             while not exited(child_fd):
