@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import mmap
@@ -157,6 +158,22 @@ def test_token_stream_reads_row_major_stream(tmp_path, dtype, shape, compressed)
         tokens = stream.read(start, length)
         assert tokens.dtype == np.int64
         np.testing.assert_array_equal(tokens, expected[start : start + length])
+
+
+@pytest.mark.parametrize("dtype, shape, compressed", LAYOUTS)
+def test_shards_are_read_without_ast_which_python_3_11_races_across_threads(tmp_path, monkeypatch, dtype, shape,
+                                                                            compressed):
+    # numpy's own header reader calls ast.literal_eval, which raised a spurious SystemError ("AST constructor
+    # recursion depth mismatch") in a run whose fetcher validated shards on several threads.
+    ids = (np.arange(int(np.prod(shape))) * 7 % 251).astype(dtype).reshape(shape)
+    path = write_shard(tmp_path / "s.npz", compressed, input_ids=ids)
+    def forbidden(*args, **kwargs):
+        raise AssertionError("ast.literal_eval called while reading a shard")
+
+    monkeypatch.setattr(ast, "literal_eval", forbidden)
+    header = read_array_header(path)
+    assert (header.dtype, header.shape) == (np.dtype(dtype), shape)
+    np.testing.assert_array_equal(TokenStream(path).read(0, 5), ids.reshape(-1)[:5].astype(np.int64))
 
 
 def test_a_compressed_shard_is_decompressed_once_to_disk_and_again_only_when_it_changes(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import re
 import shutil
 import struct
 import zipfile
@@ -283,9 +284,9 @@ def _open_array(path: Path, header: ArrayHeader) -> np.ndarray:
     copy = _decompressed_copy(path)
     if copy is None:  # the shard's folder is read-only or full: this process holds the array in RAM instead
         with zipfile.ZipFile(path) as archive, archive.open(_find_member(path, archive)) as stream:
-            array = np.lib.format.read_array(stream, allow_pickle=False)
+            array = _read_npy(path, stream)
         return np.ascontiguousarray(array).reshape(-1)
-    mapped = np.load(copy, mmap_mode="r", allow_pickle=False)
+    mapped = _map_npy(copy)
     return mapped if keep_shape else mapped.reshape(-1)
 
 
@@ -336,22 +337,56 @@ def _member_data_start(path: Path | str, handle: BinaryIO, member: zipfile.ZipIn
     return member.header_offset + ZIP_LOCAL_HEADER.size + name_length + extra_length
 
 
+# The .npy header is a dict literal; numpy parses it with ast.literal_eval, which on Python 3.11 raises a spurious
+# "AST constructor recursion depth mismatch" SystemError when threads parse at once (CPython gh-106905), and the
+# fetcher validates shards on several threads. This reads the three fields numpy writes, without ast.
+NPY_HEADER_FIELDS = re.compile(
+    r"^\{\s*'descr':\s*'(?P<descr>[^']+)',\s*'fortran_order':\s*(?P<fortran>True|False),"
+    r"\s*'shape':\s*\((?P<shape>[\d,\s]*)\),?\s*\}\s*$"
+)
+NPY_HEADER_LENGTH = {(1, 0): struct.Struct("<H"), (2, 0): struct.Struct("<I"), (3, 0): struct.Struct("<I")}
+
+
 def _read_npy_header(path: Path | str, handle: BinaryIO) -> tuple[np.dtype, tuple[int, ...], bool]:
     try:
         version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-        else:
+        if version not in NPY_HEADER_LENGTH:
             raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, EOFError) as error:
+        length_field = NPY_HEADER_LENGTH[version]
+        raw_length = handle.read(length_field.size)
+        if len(raw_length) != length_field.size:
+            raise EOFError("the header length is cut short")
+        (length,) = length_field.unpack(raw_length)
+        raw = handle.read(length)
+        if len(raw) != length:
+            raise EOFError("the header is cut short")
+        fields = NPY_HEADER_FIELDS.match(raw.decode("utf8" if version == (3, 0) else "latin1"))
+        if fields is None:
+            raise ValueError(f"header {raw[:80]!r} is not the plain array numpy.savez writes")
+        dtype = np.dtype(fields["descr"])
+        shape = tuple(int(n) for n in fields["shape"].replace(",", " ").split())
+    except (ValueError, EOFError, TypeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ShardError(
             f"{path}: {ARRAY_NAME} is not a readable .npy array ({message}); expected an array written by "
             f"numpy.savez ({FORMAT_HINT}); re-create or re-download it"
         ) from None
-    return np.dtype(dtype), tuple(int(n) for n in shape), bool(fortran_order)
+    return dtype, shape, fields["fortran"] == "True"
+
+
+def _read_npy(path: Path | str, stream: BinaryIO) -> np.ndarray:
+    """A whole .npy array from a stream, its header read as above."""
+    dtype, shape, fortran_order = _read_npy_header(path, stream)
+    array = np.frombuffer(stream.read(), dtype=dtype)
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _map_npy(path: Path) -> np.ndarray:
+    """A .npy file memory-mapped, its header read as above."""
+    with open(path, "rb") as handle:
+        dtype, shape, fortran_order = _read_npy_header(path, handle)
+        offset = handle.tell()
+    return np.memmap(path, dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
 
 
 def _check_stored_extent(path: Path | str, header: ArrayHeader, member_end: int) -> None:
