@@ -153,3 +153,10 @@ def stall_words(record: dict, seconds: float, how: str = "") -> str:
     where = f"{record['phase']} ({record['detail']})" if record.get("detail") else record["phase"]
     return (f"rank {record['rank']} made no progress for {seconds:.0f} s in {where} at step {record['step']}"
             + (f" ({how})" if how else ""))
+
+
+def others_words(culprit: dict, records: list[dict]) -> str:
+    """'; rank 0 waited in step': what the other ranks were doing, appended to stall_words by either reporter."""
+    others = [record for record in records if record["rank"] != culprit["rank"]]
+    return ("; " + ", ".join(f"rank {record['rank']} waited in {record['phase']}" for record in others[:4])
+            if others else "")

@@ -25,6 +25,7 @@ from pretrain.protocol import (
     EXIT_RESTART,
     STALL_FILE,
     launch_dir,
+    others_words,
     process_state,
     progress_file,
     record,
@@ -275,9 +276,7 @@ class Watchdog:
         records = self._records()
         culprit = stalled_rank(records, now)
         words = stall_words(culprit, now - culprit["moved_at"], frozen_how(culprit, now))
-        others = [r for r in records if r is not culprit]
-        if others:
-            words += "; " + ", ".join(f"rank {r['rank']} waited in {r['phase']}" for r in others[:4])
+        words += others_words(culprit, records)
         if culprit["phase"] in WAITING_ORDER and self.world_size > len(records):
             words += f" ({self.world_size - len(records)} other processes are not visible from here: look at theirs)"
         return culprit, words

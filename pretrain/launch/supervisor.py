@@ -26,6 +26,7 @@ from pretrain.protocol import (
     LOCAL_RANKS_FILE,
     QUIET_AGENT_ENV,
     STALL_FILE,
+    others_words,
     process_state,
     record_first,
     recorded_exit_code,
@@ -291,6 +292,7 @@ class Supervisor:
             if verdict is not None or record is None or not is_frozen(record, now):
                 continue
             words = stall_words(record, now - record["moved_at"], frozen_how(record, now))
+            words += others_words(record, list(records.values()))
             if now >= record["deadline"]:
                 verdict = Verdict(EXIT_RESTART, stall_line(words), record["phase"])
             elif grace is not None and self.forwarded_at is not None \
