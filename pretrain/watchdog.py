@@ -277,7 +277,8 @@ class Watchdog:
         culprit = stalled_rank(records, now)
         words = stall_words(culprit, now - culprit["moved_at"], frozen_how(culprit, now))
         words += others_words(culprit, records)
-        if culprit["phase"] in WAITING_ORDER and self.world_size > len(records):
+        # On several machines a wait in any phase (a save gathers from every rank) may be for a process elsewhere.
+        if self.world_size > len(records):
             words += f" ({self.world_size - len(records)} other processes are not visible from here: look at theirs)"
         return culprit, words
 

@@ -43,6 +43,9 @@ LOSS_TOLERANCE = 2e-5
 # next collective fails at once; the bound leaves room for a step (up to 5 s on this shared machine) and the clean-up.
 VANISHED_BOUND_SECONDS = 60.0
 RENDEZVOUS_TIMEOUT = 10
+# A frozen machine is a stall for the others: their watchdog's timeout, and the margin tests/test_stalls.py explains.
+FROZEN_STALL_SECONDS = 15.0
+FROZEN_MARGIN_SECONDS = 20.0
 
 
 def machine_command(vm: Path, node: int, port: int, checkpoint_bucket: str, data_bucket: str, *args: str) -> list[str]:
@@ -225,6 +228,38 @@ def test_a_vanished_machine_ends_the_other_with_76_within_the_bound_and_the_run_
     assert f"resuming from {Path('checkpoints') / saved[0]}" in runs[0].text()
     resumed = vm_losses(vm0, vms[0], run_name=RUN)
     assert max_difference(resumed, vm_losses(straight[0], run_name=RUN)) <= LOSS_TOLERANCE
+
+
+def freeze(folder: Path) -> None:
+    """SIGSTOP to every process of this VM: a hung host, whose sockets stay open, so no collective fails."""
+    for _ in range(3):
+        for pid in processes_of(folder):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+
+def test_a_frozen_machine_ends_the_other_with_76_within_the_stall_timeout(tmp_path, sample_data):
+    """Machine 1 stops whole (launcher and ranks): nothing fails on machine 0, its ranks wait in the step's
+    all-reduce for a peer that never answers, and their own watchdog ends them by the stall timeout."""
+    bucket = (tmp_path / "bucket").as_uri()
+    vms, runs = start_machines(tmp_path, ("vm0", "vm1"), bucket, sample_data.as_uri(), *ONE_PROCESS_EACH,
+                               "--max-steps", "200", "--save-steps", "2", "--stall-timeout-minutes",
+                               str(FROZEN_STALL_SECONDS / 60))
+    runs[0].wait_for("step 6/", timeout=300)
+    frozen = time.monotonic()
+    freeze(vms[1])
+    code = runs[0].finish(timeout=FROZEN_STALL_SECONDS + 120)
+    seconds = time.monotonic() - frozen
+    print(f"machine 0 ended {seconds:.1f} s after machine 1 froze")
+    assert code == EXIT_RESTART, runs[0].text()[-4000:]
+    assert seconds <= FROZEN_STALL_SECONDS + FROZEN_MARGIN_SECONDS, seconds
+    line = last_line(runs[0].text())
+    assert "error: the run stalled: rank 0 made no progress for " in line, line
+    assert "1 other processes are not visible from here" in line and "exit 76" in line, line
+    assert "Traceback" not in runs[0].text()
+    vanish(vms[1])  # the hung host is replaced
+    for name in bucket_checkpoints(bucket):
+        assert verify_checkpoint(tmp_path / "bucket" / name) is None, name
 
 
 def test_a_checkpoint_moves_from_two_machines_to_one_and_back_with_the_same_samples(tmp_path, sample_data, straight,
