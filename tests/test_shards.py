@@ -176,6 +176,20 @@ def test_shards_are_read_without_ast_which_python_3_11_races_across_threads(tmp_
     np.testing.assert_array_equal(TokenStream(path).read(0, 5), ids.reshape(-1)[:5].astype(np.int64))
 
 
+def test_a_header_with_its_keys_in_another_order_is_read_and_a_structured_one_is_refused(tmp_path):
+    def npy(header: str) -> bytes:  # the .npy layout by hand: magic, version 1.0, length, header padded to 64
+        text = header.encode("latin1")
+        text += b" " * ((64 - (10 + len(text) + 1) % 64) % 64) + b"\n"
+        return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + np.arange(6, dtype="<u2").tobytes()
+
+    other_order = write_stored_member(tmp_path / "a.npz", npy("{'shape': (6,), 'fortran_order': False, 'descr': '<u2'}"))
+    np.testing.assert_array_equal(TokenStream(other_order).read(0, 6), np.arange(6))
+    structured = write_stored_member(
+        tmp_path / "b.npz", npy("{'descr': [('a', '<u2')], 'fortran_order': False, 'shape': (6,), }"))
+    with pytest.raises(ShardError, match=r"b\.npz: input_ids is not a readable \.npy array"):
+        read_array_header(structured)
+
+
 def test_a_compressed_shard_is_decompressed_once_to_disk_and_again_only_when_it_changes(tmp_path):
     path = write_shard(tmp_path / "s.npz", True, input_ids=np.arange(4096, dtype=np.uint16))
     TokenStream(path)

@@ -340,10 +340,9 @@ def _member_data_start(path: Path | str, handle: BinaryIO, member: zipfile.ZipIn
 # The .npy header is a dict literal; numpy parses it with ast.literal_eval, which on Python 3.11 raises a spurious
 # "AST constructor recursion depth mismatch" SystemError when threads parse at once (CPython gh-106905), and the
 # fetcher validates shards on several threads. This reads the three fields numpy writes, without ast.
-NPY_HEADER_FIELDS = re.compile(
-    r"^\{\s*'descr':\s*'(?P<descr>[^']+)',\s*'fortran_order':\s*(?P<fortran>True|False),"
-    r"\s*'shape':\s*\((?P<shape>[\d,\s]*)\),?\s*\}\s*$"
-)
+_NPY_ENTRY = r"'(descr|fortran_order|shape)':\s*('[^']+'|True|False|\([\d,\s]*\))"  # the key and its value, in any order
+NPY_HEADER_ENTRY = re.compile(_NPY_ENTRY)
+NPY_HEADER = re.compile(rf"^\{{\s*(?:{_NPY_ENTRY}\s*,\s*){{2}}{_NPY_ENTRY}\s*,?\s*\}}\s*$")
 NPY_HEADER_LENGTH = {(1, 0): struct.Struct("<H"), (2, 0): struct.Struct("<I"), (3, 0): struct.Struct("<I")}
 
 
@@ -360,18 +359,20 @@ def _read_npy_header(path: Path | str, handle: BinaryIO) -> tuple[np.dtype, tupl
         raw = handle.read(length)
         if len(raw) != length:
             raise EOFError("the header is cut short")
-        fields = NPY_HEADER_FIELDS.match(raw.decode("utf8" if version == (3, 0) else "latin1"))
-        if fields is None:
+        text = raw.decode("utf8" if version == (3, 0) else "latin1")
+        fields = dict(NPY_HEADER_ENTRY.findall(text)) if NPY_HEADER.match(text) else {}
+        if len(fields) != 3 or fields["descr"][0] != "'" or fields["fortran_order"] not in ("True", "False") \
+                or fields["shape"][0] != "(":
             raise ValueError(f"header {raw[:80]!r} is not the plain array numpy.savez writes")
-        dtype = np.dtype(fields["descr"])
-        shape = tuple(int(n) for n in fields["shape"].replace(",", " ").split())
+        dtype = np.dtype(fields["descr"].strip("'"))
+        shape = tuple(int(n) for n in fields["shape"].strip("()").replace(",", " ").split())
     except (ValueError, EOFError, TypeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ShardError(
             f"{path}: {ARRAY_NAME} is not a readable .npy array ({message}); expected an array written by "
             f"numpy.savez ({FORMAT_HINT}); re-create or re-download it"
         ) from None
-    return dtype, shape, fields["fortran"] == "True"
+    return dtype, shape, fields["fortran_order"] == "True"
 
 
 def _read_npy(path: Path | str, stream: BinaryIO) -> np.ndarray:
