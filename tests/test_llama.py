@@ -26,10 +26,10 @@ from pretrain.model.families import family_for
 from pretrain.model.llama import Llama
 from tests.launcher import free_port
 from tests.test_memory_plan import _measure_saved_bytes
-from tests.test_model import _loss_and_grads, _SdpaCalls
+from tests.test_model import LLAMA_SMALL, _SdpaCalls
 
 LLAMA = dataclasses.replace(TEST_MODEL, model_type="llama", num_key_value_heads=2)  # 4 heads sharing 2 K/V heads
-SMALL = dataclasses.replace(LLAMA, num_hidden_layers=2, hidden_size=64, intermediate_size=192, vocab_size=128)
+SMALL = LLAMA_SMALL
 
 
 def _batch(shape=SMALL, batch=2, seq=64, seed=0):
@@ -137,47 +137,8 @@ def test_compiled_attention_gets_no_mask_and_shares_kv_heads():
     assert sdpa_inputs == [(4, 2, True)] * SMALL.num_hidden_layers
 
 
-@pytest.mark.parametrize("other", ["sdpa", "eager"])
-def test_same_numbers_as_transformers_attention(other):
-    torch.manual_seed(0)
-    model = build_model(SMALL)
-    reference = _twin(model, other)
-    input_ids = _batch()
-    loss, grads = _loss_and_grads(model, input_ids)
-    reference_loss, reference_grads = _loss_and_grads(reference, input_ids)
-    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
-    for name, grad in reference_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_activation_checkpointing_gives_the_same_loss_and_grads(compiled):
-    torch.manual_seed(0)
-    model = build_model(SMALL)
-    checkpointed = _twin(model, "causal_sdpa")
-    enable_activation_checkpointing(checkpointed)
-    model.train()
-    checkpointed.train()
-    assert all(layer.gradient_checkpointing for layer in checkpointed.model.layers)
-    input_ids = _batch()
-    loss, grads = _loss_and_grads(model, input_ids)
-    run = torch.compile(checkpointed, backend="aot_eager") if compiled else checkpointed
-    checkpointed_loss, checkpointed_grads = _loss_and_grads(run, input_ids)
-    tolerance = 1e-6 if compiled else 0.0
-    torch.testing.assert_close(checkpointed_loss, loss, rtol=tolerance, atol=tolerance)
-    for name, grad in grads.items():
-        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
-
-
-def test_generation_with_a_kv_cache_matches_transformers_sdpa():
-    torch.manual_seed(0)
-    model = build_model(SMALL).eval()
-    reference = _twin(model, "sdpa").eval()
-    prompt = _batch(batch=1, seq=8)
-    with torch.no_grad():
-        ours = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        theirs = reference.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours, theirs)
+# Loss, gradients, checkpointing and generation against transformers' own attention: tests/test_model.py, for each
+# family.
 
 
 def test_export_loads_with_auto_model_and_computes_the_same(tmp_path):

@@ -22,6 +22,11 @@ TINY = dataclasses.replace(
     TEST_MODEL, num_hidden_layers=1, hidden_size=64, intermediate_size=256, vocab_size=128, num_attention_heads=4
 )
 TWO_LAYERS = dataclasses.replace(TINY, num_hidden_layers=2)
+# The Llama family's small shape (tests/test_llama.py): 4 heads sharing 2 K/V heads. The tests below that compare our
+# attention with transformers' run for each family.
+LLAMA_SMALL = dataclasses.replace(TEST_MODEL, model_type="llama", num_key_value_heads=2, num_hidden_layers=2,
+                                  hidden_size=64, intermediate_size=192, vocab_size=128)
+EACH_FAMILY = pytest.mark.parametrize("shape", [TWO_LAYERS, LLAMA_SMALL], ids=["gpt_neox", "llama"])
 
 
 def _batch(shape=TINY, batch=2, seq=64, seed=0):
@@ -95,12 +100,13 @@ def test_transformers_sdpa_would_get_a_mask_under_compile():
     assert recorder.calls and all(call["mask"] is not None for call in recorder.calls)
 
 
+@EACH_FAMILY
 @pytest.mark.parametrize("other", ["sdpa", "eager"])
-def test_same_numbers_as_transformers_attention(other):
+def test_same_numbers_as_transformers_attention(other, shape):
     torch.manual_seed(0)
-    model = build_model(TWO_LAYERS)
-    reference = _twin(model, other, TWO_LAYERS)
-    input_ids = _batch(TWO_LAYERS)
+    model = build_model(shape)
+    reference = _twin(model, other, shape)
+    input_ids = _batch(shape)
     loss, grads = _loss_and_grads(model, input_ids)
     reference_loss, reference_grads = _loss_and_grads(reference, input_ids)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
@@ -108,16 +114,17 @@ def test_same_numbers_as_transformers_attention(other):
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@EACH_FAMILY
 @pytest.mark.parametrize("compiled", [False, True])
-def test_activation_checkpointing_gives_the_same_loss_and_grads(compiled):
+def test_activation_checkpointing_gives_the_same_loss_and_grads(compiled, shape):
     torch.manual_seed(0)
-    model = build_model(TWO_LAYERS)
-    checkpointed = _twin(model, "causal_sdpa", TWO_LAYERS)
+    model = build_model(shape)
+    checkpointed = _twin(model, "causal_sdpa", shape)
     enable_activation_checkpointing(checkpointed)
     model.train()
     checkpointed.train()
-    assert all(layer.gradient_checkpointing for layer in checkpointed.gpt_neox.layers)
-    input_ids = _batch(TWO_LAYERS)
+    assert all(layer.gradient_checkpointing for layer in checkpointed.base_model.layers)
+    input_ids = _batch(shape)
     loss, grads = _loss_and_grads(model, input_ids)
     # Under compile, graph capture and AOT autograd's handling of checkpointed regions (aot_eager: no inductor,
     # so no kernel compile time) are what the training loop's torch.compile also goes through.
@@ -139,12 +146,13 @@ def test_a_padding_mask_is_refused_not_ignored():
         model(input_ids=input_ids, attention_mask=mask)
 
 
-def test_generation_with_a_kv_cache_matches_transformers_sdpa():
+@pytest.mark.parametrize("shape", [TINY, LLAMA_SMALL], ids=["gpt_neox", "llama"])
+def test_generation_with_a_kv_cache_matches_transformers_sdpa(shape):
     """Decoding steps (one query, many cached keys) go to transformers' implementation: same tokens as its sdpa."""
     torch.manual_seed(0)
-    model = build_model(TINY).eval()
-    reference = _twin(model, "sdpa").eval()
-    prompt = _batch(batch=1, seq=8)
+    model = build_model(shape).eval()
+    reference = _twin(model, "sdpa", shape).eval()
+    prompt = _batch(shape, batch=1, seq=8)
     with torch.no_grad():
         ours = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
         theirs = reference.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
