@@ -26,20 +26,10 @@ from pretrain.model.families import family_for
 from pretrain.model.llama import Llama
 from tests.launcher import free_port
 from tests.test_memory_plan import _measure_saved_bytes
-from tests.test_model import LLAMA_SMALL, _SdpaCalls
+from tests.test_model import LLAMA_SMALL, _batch, _SdpaCalls
 
 LLAMA = dataclasses.replace(TEST_MODEL, model_type="llama", num_key_value_heads=2)  # 4 heads sharing 2 K/V heads
 SMALL = LLAMA_SMALL
-
-
-def _batch(shape=SMALL, batch=2, seq=64, seed=0):
-    return torch.randint(0, shape.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _twin(model, attn_implementation, shape=SMALL):
-    other = build_model(shape, attn_implementation=attn_implementation)
-    other.load_state_dict(model.state_dict())
-    return other
 
 
 @pytest.mark.parametrize("kv_heads", [None, 1, 2, 4])
@@ -119,7 +109,7 @@ def test_compiled_attention_gets_no_mask_and_shares_kv_heads():
     """Graph capture (no inductor): every layer's SDPA is causal, without a mask tensor, on the K/V heads as given."""
     model = build_model(SMALL)
     recorder = _SdpaCalls(lambda graph_module, example_inputs: graph_module.forward)
-    input_ids = _batch()
+    input_ids = _batch(SMALL)
     torch.compile(model, backend=recorder)(input_ids=input_ids, labels=input_ids)
     assert len(recorder.calls) == SMALL.num_hidden_layers
     assert all(call["mask"] is None and call["is_causal"] is True for call in recorder.calls), recorder.calls
@@ -151,7 +141,7 @@ def test_export_loads_with_auto_model_and_computes_the_same(tmp_path):
     assert saved["model_type"] == "llama" and saved["num_key_value_heads"] == 2 and saved["hidden_act"] == "silu"
     assert "causal_sdpa" not in json.dumps(saved)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    input_ids = _batch()
+    input_ids = _batch(SMALL)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
 
