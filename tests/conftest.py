@@ -1,5 +1,6 @@
 """Shared test fixtures: the sample corpus here; storage emulators come from tests/storage_fixtures.py."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         provider = getattr(getattr(item, "callspec", None), "params", {}).get("provider")
         if names & EMULATOR_FIXTURES and provider != "file":
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker and everything it starts runs on a core of its own: two workers' training
+    threads on the same cores would spin against each other."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})

@@ -217,11 +217,17 @@ def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> 
     return [*lines, *memory_lines]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's pinning), not all the machine has: the threads'
+    fair share counts only those."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         request = parse_launch_args(argv)
-        launch, plan = plan_launch(request, visible_gpus(), os.cpu_count() or 1)
+        launch, plan = plan_launch(request, visible_gpus(), usable_cpus())
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
