@@ -28,15 +28,18 @@ def test_cpu_single_process_uses_cpu_flag_and_all_cores():
     assert "batch: 8 per device x 2 accumulation x 1 process x 128 tokens = 2,048 tokens per optimizer step" in plan
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable CPUs")
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs 2 CPUs")
 def test_the_thread_share_counts_only_the_cpus_this_process_may_use():
-    # As in a container or under taskset: pinned to one of the machine's CPUs, a single process gets one thread.
-    one_cpu = min(os.sched_getaffinity(0))
-    probe = subprocess.run([sys.executable, "-c", "from pretrain.launch.command import usable_cpus; print(usable_cpus())"],
-                           cwd=REPO, capture_output=True, text=True, timeout=60,
-                           preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
-    assert probe.stdout.split() == ["1"], probe.stderr
-    assert (os.cpu_count() or 1) > 1  # the machine's own count would have given more
+    # As in a container or under taskset: pinned to one of the machine's CPUs, a process counts one; on all, all.
+    def usable_when_pinned_to(cpus: set[int]) -> list[str]:
+        probe = subprocess.run([sys.executable, "-c", "from pretrain.launch.command import usable_cpus; print(usable_cpus())"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60,
+                               preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        return probe.stdout.split() or [probe.stderr]
+
+    every_cpu = set(range(os.cpu_count()))
+    assert usable_when_pinned_to({0}) == ["1"]
+    assert usable_when_pinned_to(every_cpu) == [str(len(every_cpu))]
 
 
 def test_cpu_processes_use_multi_gpu_flag_so_gloo_really_runs_n_processes():

@@ -85,6 +85,7 @@ def stopped_process():
     """A process of this test in the stopped state (as SIGSTOP leaves a rank): /proc says 'T'."""
     process = subprocess.Popen(["sleep", "60"])
     os.kill(process.pid, signal.SIGSTOP)
+    os.waitpid(process.pid, os.WUNTRACED)  # returns once it is stopped: the signal is not delivered at once
     yield process.pid
     process.kill()
     process.wait()
