@@ -220,7 +220,7 @@ def dry_run_lines(request: LaunchRequest, config: TrainingConfig, gpus: int) -> 
 def usable_cpus() -> int:
     """The CPUs this process may run on (a container's or taskset's pinning), not all the machine has: the threads'
     fair share counts only those."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(os.sched_getaffinity(0))
 
 
 def main(argv: list[str] | None = None) -> int:
